@@ -1,0 +1,89 @@
+# Helpers shared by every rule: the validated config and functions of wildcards.
+# The logic lives in the library (layerscope.config); these wrappers only bind the config.
+
+import re
+import sys
+from pathlib import Path
+
+from layerscope import paths
+from layerscope import config as lsconfig
+
+try:
+    _validated = lsconfig.validate_config(
+        config, Path(workflow.basedir) / lsconfig.SCHEMA_FILE, base_dir="."
+    )
+except lsconfig.ConfigError as exc:
+    sys.exit(f"layerscope: {exc}")
+config.clear()
+config.update(_validated)
+
+
+wildcard_constraints:
+    model="|".join(re.escape(m) for m in config["models"]),
+    pset="|".join(re.escape(p) for p in config["prompt_sets"]),
+
+
+FIGURE = lsconfig.figure_format(config)
+GPU_MEM_MB = 16000
+CPU_MEM_MB = 4000
+
+
+def all_targets():
+    return lsconfig.targets(config)
+
+
+def model_kind(wildcards):
+    return lsconfig.model_spec(config, wildcards.model)["kind"]
+
+
+def prompt_file(wildcards):
+    return lsconfig.prompt_set_spec(config, wildcards.pset)["path"]
+
+
+def prepare_params(wildcards):
+    return lsconfig.prepare_params(config, wildcards.model)
+
+
+def generation_params(wildcards):
+    return lsconfig.generation_params(config, wildcards.model, wildcards.pset)
+
+
+def activation_params(wildcards):
+    return lsconfig.activation_params(config, wildcards.model, wildcards.pset)
+
+
+def activation_inputs(wildcards):
+    """Decoders are extracted from their completions, encoders from their prompts."""
+    inputs = {
+        "model": paths.MODEL_DIR.format(model=wildcards.model),
+        "prompts": prompt_file(wildcards),
+    }
+    if model_kind(wildcards) == "decoder":
+        inputs["completions"] = paths.COMPLETIONS.format(**wildcards)
+    return inputs
+
+
+def experiment_params(name):
+    def params(wildcards):
+        return lsconfig.experiment_params(config, name)
+
+    return params
+
+
+def model_report_inputs(wildcards):
+    return {
+        "model": paths.MODEL_DIR.format(model=wildcards.model),
+        "summaries": lsconfig.model_summaries(config, wildcards.model),
+    }
+
+
+def cross_model_inputs(wildcards):
+    return lsconfig.all_summaries(config)
+
+
+def model_report_pages(wildcards):
+    return [paths.MODEL_REPORT_HTML.format(model=m) for m in lsconfig.reported_models(config)]
+
+
+def reported_models(wildcards):
+    return lsconfig.reported_models(config)

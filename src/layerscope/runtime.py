@@ -1,0 +1,125 @@
+"""The environment of one workflow job: threads, seeds, determinism, logging, device.
+
+Each workflow script wraps its work in :func:`job`::
+
+    with job(snakemake, gpu=True) as ctx:
+        extract_activations(..., device=ctx.device)
+
+which sets torch's thread count from the rule's ``threads:``, seeds every generator,
+enables deterministic algorithms, sends logging, warnings and library output to the rule's
+log file, leases a GPU when the rule runs a model forward, and turns a
+:class:`~layerscope.LayerscopeError` into a one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from . import LayerscopeError, __version__
+from .devices import Lease, lease_device
+
+log = logging.getLogger("layerscope")
+
+
+def set_threads(threads: int) -> None:
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # can only be set once per process
+        torch.set_num_interop_threads(1)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def make_deterministic() -> None:
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    # float32 matmuls stay float32 (no TF32) so CPU and GPU numbers agree to float32 precision
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
+    logging.captureWarnings(True)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _redirect_output(log_file: str | None) -> Iterator[int | None]:
+    """Send fds 1 and 2 (Python and C-level output, progress bars) to the log file."""
+    if not log_file:
+        yield None
+        return
+    os.makedirs(os.path.dirname(log_file) or ".", exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    with open(log_file, "a", buffering=1) as handle:
+        os.dup2(handle.fileno(), 1)
+        os.dup2(handle.fileno(), 2)
+        try:
+            yield saved_err
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+
+
+@dataclass
+class JobContext:
+    device: torch.device
+    lease: Lease
+    threads: int
+    seed: int
+
+
+@contextlib.contextmanager
+def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterator[JobContext]:
+    """Set up and tear down one job (see module docstring). ``snakemake`` may be None in tests."""
+    threads = int(getattr(snakemake, "threads", 1) or 1)
+    log_files = list(getattr(snakemake, "log", []) or [])
+    log_file = str(log_files[0]) if log_files else None
+    seed = 0 if seed is None else int(seed)
+    with _redirect_output(log_file) as console_fd:
+        setup_logging()
+        rule = getattr(snakemake, "rule", "job")
+        log.info("layerscope %s, rule %s, %d thread(s), seed %d", __version__, rule, threads, seed)
+        set_threads(threads)
+        make_deterministic()
+        seed_everything(seed)
+        started = time.monotonic()
+        lease = lease_device(want_gpu=gpu)
+        try:
+            yield JobContext(device=lease.device, lease=lease, threads=threads, seed=seed)
+        except LayerscopeError as exc:
+            log.error("%s", exc)
+            if console_fd is not None:
+                os.write(console_fd, f"layerscope error in rule {rule}: {exc}\n".encode())
+            raise SystemExit(1) from None
+        finally:
+            lease.release()
+        log.info("done in %.1fs", time.monotonic() - started)
+
