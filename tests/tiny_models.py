@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 COMMON = dict(
-    vocab_size=96, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
+    vocab_size=512, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=128,
     bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
 
@@ -27,7 +27,7 @@ def tiny_configs() -> dict:
                                attn_logit_softcapping=50.0),
         "phi3": Phi3Config(**gated),
         "gpt2": GPT2Config(
-            vocab_size=96, n_embd=32, n_layer=3, n_head=4, n_positions=128, n_inner=48,
+            vocab_size=512, n_embd=32, n_layer=3, n_head=4, n_positions=128, n_inner=48,
             bos_token_id=1, eos_token_id=2, pad_token_id=0,
         ),
         "gpt_neox": GPTNeoXConfig(**dict(COMMON, intermediate_size=48), use_parallel_residual=True),

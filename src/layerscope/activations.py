@@ -238,7 +238,7 @@ class ActivationCache:
         else:
             tensor = self._file.get_tensor(site(layer))
             if rows is not None:
-                tensor = tensor[torch.as_tensor(rows, dtype=torch.long)]
+                tensor = tensor[torch.from_numpy(np.array(rows, dtype=np.int64))]
         return tensor.to(dtype)
 
     def target_rows(self) -> np.ndarray:

@@ -20,8 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,8 @@ def candidate_devices() -> tuple[list[str], bool]:
         ids = [v.strip() for v in visible.split(",") if v.strip()]
         # "-1" or an empty string hide every GPU
         return ([] if not ids or ids[0] == "-1" else ids), False
+    import torch
+
     if torch.version.cuda is None and not getattr(torch.version, "hip", None):
         return [], False
     return [str(i) for i in range(torch.cuda.device_count())], False
@@ -56,7 +57,7 @@ def candidate_devices() -> tuple[list[str], bool]:
 class Lease:
     """A device held by this process until :meth:`release` (or process exit)."""
 
-    device: torch.device
+    device: Any  # torch.device
     name: str  # "cpu", a CUDA_VISIBLE_DEVICES entry, or "simN"
     simulated: bool = False
     lock_file: Path | None = None
@@ -98,6 +99,8 @@ def lease_device(
     poll_s: float = 0.2,
 ) -> Lease:
     """Lease one GPU (waiting while all are taken) or fall back to the CPU."""
+    import torch
+
     if not want_gpu:
         return Lease(torch.device("cpu"), "cpu")
     devices, simulated = candidate_devices()

@@ -126,7 +126,12 @@ def _fetch_hub(source: dict, scratch: Path, allow_pickle: bool) -> tuple[Path, s
     if allow_pickle:
         patterns += list(PICKLE_PATTERNS)
     try:
-        folder = snapshot_download(repo_id=repo, revision=revision, allow_patterns=patterns)
+        # read the environment at call time (huggingface_hub reads it once, at import)
+        folder = snapshot_download(
+            repo_id=repo, revision=revision, allow_patterns=patterns,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            local_files_only=os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"),
+        )
     except LocalEntryNotFoundError as exc:
         raise PrepareError(
             f"hub model {repo}@{revision} is not in the local Hugging Face cache and the hub cannot be reached "

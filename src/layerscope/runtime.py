@@ -22,8 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
-import torch
+from typing import Any
 
 from . import LayerscopeError, __version__
 from .devices import Lease, lease_device
@@ -32,6 +31,8 @@ log = logging.getLogger("layerscope")
 
 
 def set_threads(threads: int) -> None:
+    import torch
+
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # can only be set once per process
@@ -40,12 +41,17 @@ def set_threads(threads: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
 def make_deterministic() -> None:
+    import torch
+
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
@@ -90,7 +96,7 @@ def _redirect_output(log_file: str | None) -> Iterator[int | None]:
 
 @dataclass
 class JobContext:
-    device: torch.device
+    device: Any  # torch.device
     lease: Lease
     threads: int
     seed: int
@@ -107,11 +113,16 @@ def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterat
         setup_logging()
         rule = getattr(snakemake, "rule", "job")
         log.info("layerscope %s, rule %s, %d thread(s), seed %d", __version__, rule, threads, seed)
-        set_threads(threads)
-        make_deterministic()
-        seed_everything(seed)
+        uses_torch = gpu or "torch" in sys.modules  # report jobs never import torch: keep them light
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        if uses_torch:
+            set_threads(threads)
+            make_deterministic()
+            seed_everything(seed)
+        else:
+            random.seed(seed)
         started = time.monotonic()
-        lease = lease_device(want_gpu=gpu)
+        lease = lease_device(want_gpu=gpu) if uses_torch else Lease(device="cpu", name="cpu")
         try:
             yield JobContext(device=lease.device, lease=lease, threads=threads, seed=seed)
         except LayerscopeError as exc:
