@@ -1,0 +1,64 @@
+"""Spectral summaries against closed forms on matrices with known spectra."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from layerscope.spectra import (
+    covariance_eigenvalues, dims_for_variance, entropy_effective_rank, participation_ratio, singular_values,
+    stable_rank,
+)
+
+
+def with_spectrum(sigma, m=40, n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    u, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    v, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = np.zeros((m, n))
+    s[: len(sigma), : len(sigma)] = np.diag(sigma)
+    return u @ s @ v.T
+
+
+def test_rank_r_matrix_with_equal_singular_values():
+    a = with_spectrum([2.0] * 7)
+    s = singular_values(a)
+    assert np.sum(s > 1e-9) == 7
+    assert entropy_effective_rank(s) == pytest.approx(7.0, rel=1e-9)
+    assert participation_ratio(s) == pytest.approx(7.0, rel=1e-9)
+    assert stable_rank(s) == pytest.approx(7.0, rel=1e-9)
+
+
+def test_flat_and_geometric_spectra():
+    flat = singular_values(with_spectrum([1.0] * 30))
+    assert entropy_effective_rank(flat) == pytest.approx(30.0, rel=1e-9)
+    q = 0.8
+    sigma = q ** np.arange(30)
+    s = singular_values(with_spectrum(sigma))
+    p = sigma**2 / (sigma**2).sum()
+    assert entropy_effective_rank(s) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-8)
+    # geometric energies r = q²: PR = (1 + r)/(1 − r) · (1 − r^n)²/(1 − r^{2n})
+    r, n = q**2, 30
+    closed = (1 + r) / (1 - r) * (1 - r**n) ** 2 / (1 - r ** (2 * n))
+    assert participation_ratio(s) == pytest.approx(closed, rel=1e-8)
+    assert stable_rank(s) == pytest.approx((sigma**2).sum(), rel=1e-8)
+
+
+def test_participation_ratio_of_a_known_covariance():
+    lam = np.array([5.0, 3.0, 1.0, 1.0])
+    assert participation_ratio(energies=lam) == pytest.approx(100 / 36)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200_000, 4)) * np.sqrt(lam)
+    assert participation_ratio(energies=covariance_eigenvalues(x)) == pytest.approx(100 / 36, rel=0.02)
+
+
+def test_dims_for_variance():
+    assert dims_for_variance(np.array([6.0, 3.0, 1.0]), (0.5, 0.9, 0.95, 1.0)) == {0.5: 1, 0.9: 2, 0.95: 3, 1.0: 3}
+
+
+def test_input_validation():
+    with pytest.raises(ValueError):
+        entropy_effective_rank()
+    assert entropy_effective_rank(np.zeros(3)) == 0.0
+    assert singular_values(torch.eye(3)).tolist() == [1.0, 1.0, 1.0]
