@@ -135,9 +135,19 @@ def _generate_vllm(model_dir, encoded, *, max_new_tokens, stops, dtype, seed):
     from vllm import LLM, SamplingParams  # optional extra: pip install layerscope[gpu]
 
     llm = LLM(model=str(model_dir), dtype=dtype if dtype != "auto" else "bfloat16", seed=seed, enforce_eager=True)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=sorted(stops), seed=seed)
+    # keep the stop token in the output, as transformers does (vLLM drops it by default)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=sorted(stops), seed=seed,
+                            include_stop_str_in_output=True, skip_special_tokens=False)
     outputs = llm.generate([{"prompt_token_ids": e.ids} for e in encoded], params)
-    return [_cut(list(o.outputs[0].token_ids), stops, max_new_tokens) for o in outputs]
+    results = []
+    for output in outputs:
+        completion = output.outputs[0]
+        ids = list(completion.token_ids)
+        stop_reason = getattr(completion, "stop_reason", None)
+        if completion.finish_reason == "stop" and (not ids or ids[-1] not in stops) and isinstance(stop_reason, int):
+            ids.append(stop_reason)  # older vLLM versions omit the matched stop token
+        results.append(_cut(ids, stops, max_new_tokens))
+    return results
 
 
 def vllm_usable() -> bool:
