@@ -495,3 +495,15 @@ def write_outputs(result: LinearizationResult, outputs) -> None:
     plot_order(result, get("order"))
     plot_jacobian(result, get("jacobian"))
     write_json(get("summary"), result.summary)
+
+
+def run_linearization(model_dir, resid_path, outputs, *, params: dict, model: str, prompt_set: str,
+                      device="cpu") -> LinearizationResult:
+    """The workflow stage: load the model (float32, eager attention) and the cache, analyse, write outputs."""
+    from .adapter import load_model
+
+    adapter = load_model(model_dir, dtype="float32", device=device)
+    cache = ActivationCache(Path(resid_path).parent)
+    result = linearization(adapter, cache, model=model, prompt_set=prompt_set, params=params)
+    write_outputs(result, outputs)
+    return result

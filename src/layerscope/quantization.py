@@ -17,9 +17,10 @@ cached ``resid.i``) and restores the original weights bit for bit. Sweeps:
 * one matrix type at a time (in every block) → per-type sensitivity;
 * the whole model at uniform bit widths (4 and 8 by default);
 * mixed precision at equal average bits: ``uniform`` (every block at ``mixed_bits``),
-  ``sensitivity`` (the blocks most damaged at ``sensitivity_bits`` get ``mixed_bits + step``,
-  the least damaged ``mixed_bits − step``, the same number each) and ``spectrum`` (the
-  same, ranked by the blocks' mean entropy effective-rank ratio of their weights, from
+  ``sensitivity`` (the n blocks the per-block sweep found least damaged at
+  ``mixed_bits − step`` bits get that many, then the n blocks most damaged at
+  ``mixed_bits`` get ``mixed_bits + step``; n = ``mixed_fraction`` · L) and ``spectrum`` (the
+  same moves, ranked by the blocks' mean entropy effective-rank ratio of their weights, from
   :mod:`layerscope.spectra`: the hypothesis that effectively higher-rank weights carry more
   information and need more bits). Allocations are chosen on the calibration prompts and
   compared on held-out prompts (the next ``heldout_prompts`` prompts of the set), so the
@@ -195,19 +196,25 @@ def spectrum_scores(editor: WeightEditor) -> np.ndarray:
     return np.asarray(scores)
 
 
-def allocate(scores: np.ndarray, *, mean_bits: int, step: int, fraction: float) -> list[int]:
-    """Bits per block: the ``n = round(fraction · L)`` highest-scoring blocks get mean+step, the n
-    lowest mean−step, the rest mean (so the average over equal-sized blocks is exactly mean).
-    Ties are broken by block index (stable sort)."""
+def allocate(scores: np.ndarray, *, mean_bits: int, step: int, fraction: float,
+             down_scores: np.ndarray | None = None) -> list[int]:
+    """Bits per block at an average of exactly ``mean_bits`` (for equal-sized blocks).
+
+    With n = round(fraction · L) (at most L/2): the n blocks with the lowest ``down_scores``
+    (default ``scores``) get mean − step, then the n remaining blocks with the highest
+    ``scores`` get mean + step, every other block mean. Ties go by block index.
+    """
     scores = np.asarray(scores, dtype=float)
+    down = scores if down_scores is None else np.asarray(down_scores, dtype=float)
     n_layers = len(scores)
     n = min(int(round(fraction * n_layers)), n_layers // 2)
     bits = [int(mean_bits)] * n_layers
-    order = np.argsort(-scores, kind="stable")  # highest first
-    for i in order[:n]:
-        bits[int(i)] = int(mean_bits + step)
-    for i in order[::-1][:n]:
-        bits[int(i)] = int(mean_bits - step)
+    lowered = [int(i) for i in np.argsort(down, kind="stable")[:n]]
+    for i in lowered:
+        bits[i] = int(mean_bits - step)
+    raised = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) not in lowered][:n]
+    for i in raised:
+        bits[i] = int(mean_bits + step)
     return bits
 
 
@@ -337,8 +344,9 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
         uniform[b] = loss - baseline(0)
         log.info("quantization: whole model at %d bits: Δloss %+.4f", b, uniform[b])
 
-    mixed = _mixed_precision(adapter, cache, editor, p, group, layer_delta[p["sensitivity_bits"]],
-                             calib_ids, prompts_in_order[n_calib : n_calib + n_heldout], all_prompts, record)
+    heldout_ids = prompts_in_order[n_calib : n_calib + n_heldout]
+    mixed = _mixed_precision(adapter, cache, editor, p, group, layer_delta, calib_ids, heldout_ids, all_prompts,
+                             record)
 
     after = weights_digest(adapter.model)
     if after != before:  # pragma: no cover - a bug, never a user error
@@ -358,15 +366,28 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
     return QuantizationResult(metrics, summary)
 
 
-def _mixed_precision(adapter, cache, editor, p, group, sensitivity, calib_ids, heldout_ids, all_prompts, record):
+def _mixed_precision(adapter, cache, editor, p, group, layer_delta, calib_ids, heldout_ids, all_prompts, record):
     if not p["mixed"]:
         return None
     n_layers = adapter.n_layers
-    scores = {"sensitivity": np.asarray(sensitivity), "spectrum": spectrum_scores(editor)}
-    bits = {"uniform": [int(p["mixed_bits"])] * n_layers}
-    for name in ("sensitivity", "spectrum"):
-        bits[name] = allocate(scores[name], mean_bits=p["mixed_bits"], step=p["mixed_step"],
-                              fraction=p["mixed_fraction"])
+    low, mid = p["mixed_bits"] - p["mixed_step"], p["mixed_bits"]
+    if low in layer_delta and mid in layer_delta:
+        # measured: lower the blocks hurt least at the low width, raise those hurt most at the mean width
+        sens_up, sens_down = layer_delta[mid], layer_delta[low]
+        rule = f"lowered: least Δloss at {low} bits; raised: most Δloss at {mid} bits"
+    else:
+        sb = p["sensitivity_bits"]
+        sens_up = sens_down = layer_delta[sb]
+        rule = f"Δloss at {sb} bits ({low} or {mid} bits not in the sweep)"
+        log.warning("quantization: sensitivity-guided allocation ranks blocks by %s", rule)
+    spectrum = spectrum_scores(editor)
+    scores = {"sensitivity_up": np.asarray(sens_up), "sensitivity_down": np.asarray(sens_down), "spectrum": spectrum}
+    common = dict(mean_bits=p["mixed_bits"], step=p["mixed_step"], fraction=p["mixed_fraction"])
+    bits = {
+        "uniform": [int(p["mixed_bits"])] * n_layers,
+        "sensitivity": allocate(sens_up, down_scores=sens_down, **common),
+        "spectrum": allocate(spectrum, **common),
+    }
     split_ids = heldout_ids if heldout_ids else calib_ids
     split = "heldout" if heldout_ids else "calibration"
     if not heldout_ids:
@@ -378,7 +399,7 @@ def _mixed_precision(adapter, cache, editor, p, group, sensitivity, calib_ids, h
     select = {"calibration": np.isin(prompt_of, calib_ids), "heldout": np.isin(prompt_of, heldout_ids)}
     base_tokens = ev.loss(list(range(n_layers)), per_token=True, max_prefix=0)
     bases = {name: float(base_tokens[sel].mean()) for name, sel in select.items() if sel.any()}
-    out = {"split": split, "n_heldout_prompts": len(heldout_ids), "bits_by_layer": bits,
+    out = {"split": split, "n_heldout_prompts": len(heldout_ids), "sensitivity_rule": rule, "bits_by_layer": bits,
            "score_by_layer": {k: v.tolist() for k, v in scores.items()}, "allocations": {}}
     for name in ALLOCATIONS:
         with editor.variant():
@@ -522,3 +543,15 @@ def write_outputs(result: QuantizationResult, outputs) -> None:
     plot_matrices(result, get("matrices"))
     plot_mixed(result, get("mixed"))
     write_json(get("summary"), result.summary)
+
+
+def run_quantization(model_dir, resid_path, outputs, *, params: dict, model: str, prompt_set: str,
+                     device="cpu") -> QuantizationResult:
+    """The workflow stage: load the model in float32, run every sweep, write outputs."""
+    from .adapter import load_model
+
+    adapter = load_model(model_dir, dtype="float32", device=device, kind="decoder")
+    cache = ActivationCache(Path(resid_path).parent)
+    result = quantization(adapter, cache, model=model, prompt_set=prompt_set, params=params, model_dir=model_dir)
+    write_outputs(result, outputs)
+    return result
