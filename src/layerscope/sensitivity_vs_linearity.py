@@ -112,7 +112,8 @@ def plot_scatter(result: CorrelationResult, path: str | Path) -> None:
         ax.set_xlabel(f"block linearization gap at ε = {s['ref_eps']:g}")
         ax.set_ylabel(f"Δ loss with the block at {s['sensitivity_bits']} bits (nats, symlog)")
         rho = "undefined" if s["spearman_rho"] is None else f"{s['spearman_rho']:.2f} (p = {s['p_value']:.2g})"
-        ax.set_title(f"sensitivity vs linearity — {s['model']} on {s['prompt_set']}: Spearman ρ = {rho}")
+        ax.set_title(f"sensitivity vs linearity — {s['model']} on {s['prompt_set']}\nSpearman ρ = {rho} "
+                     f"over {s['n_layers']} blocks")
         fig.colorbar(sc, ax=ax, label="block")
         save(fig, path)
 
