@@ -23,6 +23,9 @@ include: "rules/models.smk"
 include: "rules/completions.smk"
 include: "rules/activations.smk"
 include: "rules/logit_lens.smk"
+include: "rules/linearization.smk"
+include: "rules/quantization.smk"
+include: "rules/sensitivity_vs_linearity.smk"
 include: "rules/report.smk"
 
 

@@ -21,10 +21,11 @@ blocks directly, so knockout/swap/shuffle never depend on the model's own layer 
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -272,6 +273,43 @@ class BlockInputs:
     kwargs: list[dict] = field(default_factory=list)  # keyword args, per block
 
 
+@dataclass
+class SubLayers:
+    """The attention and MLP sub-layers of one block, as functions of the residual stream.
+
+    Each maps a residual state ``[batch, seq, d_model]`` to a residual state, skip
+    connection (and, where the family has them, its norms) included:
+
+    * pre-norm (Llama-like, Phi-3, Gemma, GPT-2, GPT-NeoX): ``attn(h) = h + Attn(norm₁(h))``,
+      ``mlp(h) = h + MLP(norm₂(h))``;
+    * Gemma 2 sandwich norms: ``attn(h) = h + norm_out(Attn(norm₁(h)))``, likewise the MLP;
+    * BERT post-norm: ``attn(h) = LN(h + Attn(h))``, ``mlp(h) = LN(h + MLP(h))``;
+    * GPT-NeoX parallel residual (``parallel``): both read the block input,
+      block(h) = h + Attn(norm₁(h)) + MLP(norm₂(h)) = attn(h) + mlp(h) − h.
+
+    :meth:`block` composes them and equals the block's own forward; :meth:`mlp_input` is
+    the state the MLP sub-layer reads (the attention sub-layer's output, or the block
+    input for a parallel residual). The callables close over the block's extra arguments
+    (masks, rotary tables) captured for one batch, so they accept that batch's shape.
+    """
+
+    attn: Callable[[torch.Tensor], torch.Tensor]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    parallel: bool = False
+
+    def mlp_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.parallel else self.attn(hidden)
+
+    def block(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            return self.attn(hidden) + self.mlp(hidden) - hidden
+        return self.mlp(self.attn(hidden))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
 class ModelAdapter:
     """The standard view of a loaded Hugging Face model (see module docstring)."""
 
@@ -424,6 +462,56 @@ class ModelAdapter:
         for index in sequence:
             hidden = self.run_block(index, hidden, inputs)
         return hidden
+
+    def _block_call_kwargs(self, index: int, inputs: BlockInputs) -> dict[str, Any]:
+        """The block's extra arguments by name (what it hands its attention module)."""
+        block = self.blocks[index]
+        bound = inspect.signature(block.forward).bind(None, *inputs.args[index], **inputs.kwargs[index])
+        params = list(inspect.signature(block.forward).parameters.values())
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if name == params[0].name:
+                continue  # the hidden states
+            kind = next(p.kind for p in params if p.name == name)
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                named[name] = value
+        # cross-attention inputs are the block's own business (always None for these models)
+        for key in ("encoder_hidden_states", "encoder_attention_mask"):
+            named.pop(key, None)
+        return named
+
+    def sublayers(self, index: int, inputs: BlockInputs) -> SubLayers:
+        """Block ``index``'s attention and MLP sub-layers as residual-to-residual functions.
+
+        ``inputs`` is the batch's :class:`BlockInputs` (from :meth:`capture_block_inputs`);
+        see :class:`SubLayers` for the definition per family. Dropout modules are not
+        called: the adapter's model is in eval mode, where they are the identity.
+        """
+        block = self.blocks[index]
+        named = self._block_call_kwargs(index, inputs)
+        if self.family.norm_position == "post":  # BERT: the norms sit inside the sub-layers
+            attention = self.attention(index)
+            return SubLayers(
+                attn=lambda h: _first(attention(h, **named)),
+                mlp=lambda h: block.output(block.intermediate(h), h),
+            )
+        norms = self.block_norms(index)
+        attention, mlp = self.attention(index), self.mlp(index)
+        identity = lambda x: x  # noqa: E731
+        attn_out, mlp_out = norms.get("attn_out", identity), norms.get("mlp_out", identity)
+        return SubLayers(
+            attn=lambda h: h + attn_out(_first(attention(norms["attn"](h), **named))),
+            mlp=lambda h: h + mlp_out(mlp(norms["mlp"](h))),
+            parallel=bool(getattr(block, "use_parallel_residual", False)),
+        )
+
+    def use_attention(self, implementation: str) -> None:
+        """Switch the attention kernel (e.g. ``"eager"``: forward-mode AD through attention
+        needs it; PyTorch's CPU flash kernel has no jvp). Capture block inputs afterwards."""
+        if getattr(self.model.config, "_attn_implementation", None) != implementation:
+            self.model.set_attn_implementation(implementation)
 
     # ------------------------------------------------------------------ read-out
 

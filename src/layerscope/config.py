@@ -32,12 +32,19 @@ class ExperimentInfo:
     data: str  # "prompts": per (model, prompt set); "weights": per model
     gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
     description: str
+    # experiments whose results it reads: it runs only where every one of them runs
+    requires: tuple[str, ...] = ()
 
 
 EXPERIMENTS: dict[str, ExperimentInfo] = {
     info.name: info
     for info in [
         ExperimentInfo("logit_lens", "decoder", "prompts", False, "how predictions form across depth"),
+        ExperimentInfo("linearization", "any", "prompts", True, "how nonlinear each block and sub-layer is"),
+        ExperimentInfo("quantization", "decoder", "prompts", True, "how much precision each layer needs"),
+        ExperimentInfo("sensitivity_vs_linearity", "decoder", "prompts", False,
+                       "rank correlation of quantization sensitivity with the linearization gap",
+                       requires=("linearization", "quantization")),
     ]
 }
 
@@ -153,8 +160,13 @@ def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
     info = EXPERIMENTS[name]
     models = experiment_models(config, name)
     if info.data == "weights":
-        return [{"model": m} for m in models]
-    return [{"model": m, "pset": p} for m in models for p in experiment_prompt_sets(config, name)]
+        runs = [{"model": m} for m in models]
+    else:
+        runs = [{"model": m, "pset": p} for m in models for p in experiment_prompt_sets(config, name)]
+    for required in info.requires:  # a cross-experiment rule needs its inputs' runs
+        available = experiment_runs(config, required)
+        runs = [r for r in runs if any(all(a.get(k) == v for k, v in r.items()) for a in available)]
+    return runs
 
 
 def summary_path(name: str, run: dict[str, str]) -> str:
