@@ -23,6 +23,10 @@ include: "rules/models.smk"
 include: "rules/completions.smk"
 include: "rules/activations.smk"
 include: "rules/logit_lens.smk"
+include: "rules/residual_geometry.smk"
+include: "rules/delta_svd.smk"
+include: "rules/embedding_geometry.smk"
+include: "rules/contrastive.smk"
 include: "rules/report.smk"
 
 
