@@ -120,6 +120,10 @@ def test_planted_digit_and_category_geometry(stories):
     assert s["digit_distance_spearman"] < -0.98  # monotone in |i − j| (tied gaps keep it from exactly −1)
     i, j = np.triu_indices(10, k=1)
     np.testing.assert_allclose(m.digit_cos[i, j], np.cos((j - i) * np.pi / 18), atol=1e-6)
+    from scipy.stats import pearsonr, spearmanr  # the peer computation of both correlations
+
+    assert s["digit_distance_spearman"] == pytest.approx(spearmanr(j - i, m.digit_cos[i, j])[0], abs=1e-12)
+    assert s["digit_distance_pearson"] == pytest.approx(pearsonr(j - i, m.digit_cos[i, j])[0], abs=1e-12)
     assert s["digit_distance_pearson"] < -0.95 and s["digit_adjacent_minus_nonadjacent"] > 0
     np.testing.assert_allclose(np.diag(m.digit_cos), 1.0, atol=1e-6)
     assert s["category_separation"] > 3 and s["n_category_words"] == 6 and s["n_skipped_words"] == 0

@@ -211,8 +211,6 @@ def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str,
     digits = [(digit, found[0]) for digit, found in digits if found is not None]
     s["n_digit_tokens"] = len(digits)
     if len(digits) >= 3:
-        from scipy.stats import pearsonr, spearmanr
-
         values = [dv for dv, _ in digits]
         ids = [tid for _, tid in digits]
         du = unit_rows(w[torch.tensor(ids)])
@@ -221,8 +219,9 @@ def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str,
         gap = np.abs(np.array(values)[i] - np.array(values)[j])
         pair_cos = dcos[i, j]
         adjacent = pair_cos[gap == 1]
-        s.update(digit_distance_pearson=float(pearsonr(gap, pair_cos)[0]),
-                 digit_distance_spearman=float(spearmanr(gap, pair_cos)[0]),
+        ranks = pd.DataFrame({"gap": gap, "cos": pair_cos}).rank()  # average ranks of ties, as Spearman's ρ
+        s.update(digit_distance_pearson=float(np.corrcoef(gap, pair_cos)[0, 1]),
+                 digit_distance_spearman=float(np.corrcoef(ranks["gap"], ranks["cos"])[0, 1]),
                  digit_adjacent_cosine=float(adjacent.mean()) if len(adjacent) else None,
                  digit_nonadjacent_cosine=float(pair_cos[gap > 1].mean()),
                  digit_adjacent_minus_nonadjacent=float(adjacent.mean() - pair_cos[gap > 1].mean())
