@@ -23,7 +23,7 @@ of all the phase's stacked top-``top_k`` directions; capture = ‖B v_i‖² (a 
 direction gives ``shared_rank``/d). Capture is only reported for phases whose stacked
 directions outnumber ``shared_rank`` (else it is trivially 1).
 
-Only two layers of the cache are held at a time.
+Only two layers of the cache are held at a time; float64 work runs on blocks of rows.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .generate import ROLES
 from .geometry import capture, orthonormal_basis, subspace_overlap
 from .io import write_json, write_parquet
 from .residual_geometry import read_rows, select_rows
-from .spectra import entropy_effective_rank, gram_eigh, participation_ratio, stable_rank
+from .spectra import eigh_descending, entropy_effective_rank, participation_ratio, row_chunks, stable_rank
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,30 @@ class DeltaSVDResult:
     token_norms: np.ndarray  # [n_blocks, n_tokens] ‖δ_t‖
 
 
-def _block_stats(delta: torch.Tensor, h: torch.Tensor, top_k: int):
-    """Statistics of one block's update, the top singular values and right singular vectors."""
-    d64, h64 = delta.double(), h.double()
-    tn = d64.norm(dim=1)
-    hn = h64.norm(dim=1)
+def _block_stats(h: torch.Tensor, nxt: torch.Tensor, top_k: int):
+    """Statistics of one block's update δ = nxt − h, its top singular values and right singular vectors.
+
+    Works on blocks of rows in float64 (δ is formed exactly from the float32 cache, a block at a time).
+    """
+    d = h.shape[1]
+    gram = torch.zeros((d, d), dtype=torch.float64)
+    tn_parts, hn_parts, dot_parts = [], [], []
+    for rows in row_chunks(h.shape[0]):
+        h64 = h[rows].to(torch.float64)
+        delta = nxt[rows].to(torch.float64) - h64
+        gram += delta.T @ delta
+        tn_parts.append(delta.norm(dim=1))
+        hn_parts.append(h64.norm(dim=1))
+        dot_parts.append((delta * h64).sum(dim=1))
+    tn, hn, dot = torch.cat(tn_parts), torch.cat(hn_parts), torch.cat(dot_parts)
     safe_h = hn.clamp_min(1e-12)
-    dot = (d64 * h64).sum(dim=1)
     cos = dot / (tn * hn).clamp_min(1e-12)
-    energies, vectors = gram_eigh(delta, n_vectors=top_k)
+    energies, vectors = eigh_descending(gram, n_vectors=top_k)
     total = energies.sum()
     p = energies / total if total > 0 else energies
     sigma = np.sqrt(energies)
     stats = {
-        "frobenius": float(d64.norm()),
+        "frobenius": float(np.sqrt((tn**2).sum())),
         "token_norm_mean": float(tn.mean()),
         "token_norm_std": float(tn.std(unbiased=False)),
         "h_norm_mean": float(hn.mean()),
@@ -116,7 +126,7 @@ def _block_stats(delta: torch.Tensor, h: torch.Tensor, top_k: int):
         "top3_energy": float(p[:3].sum()),
         "top10_energy": float(p[:10].sum()),
     }
-    return stats, sigma[:top_k], vectors[:, :top_k].T, tn.float().numpy()
+    return stats, sigma[:top_k], vectors.T, tn.float().numpy()
 
 
 def delta_svd(
@@ -150,7 +160,7 @@ def delta_svd(
     h = read_rows(cache, 0, rows)
     for block in range(n_blocks):
         nxt = read_rows(cache, block + 1, rows)  # at most two layers are held
-        stats, sigma, vecs, tn = _block_stats(nxt - h, h, top_k)
+        stats, sigma, vecs, tn = _block_stats(h, nxt, top_k)
         for key, value in stats.items():
             curves[key][block] = value
         singular[block, : len(sigma)] = sigma

@@ -35,13 +35,25 @@ def unit_rows(x: torch.Tensor | np.ndarray) -> torch.Tensor:
     return x / norms[:, None]
 
 
-def mean_pairwise_cosine(x: torch.Tensor | np.ndarray) -> float:
-    """Mean cosine similarity over all ordered pairs of distinct rows (zero rows excluded)."""
-    u = unit_rows(x)
-    n = u.shape[0]
+def mean_pairwise_cosine(x: torch.Tensor | np.ndarray, *, center: torch.Tensor | np.ndarray | None = None,
+                         chunk_rows: int = 1024) -> float:
+    """Mean cosine similarity over all ordered pairs of distinct rows of x − center (zero rows excluded).
+
+    Works through x by row chunks in float64, so no float64 copy of x is made.
+    """
+    m = torch.as_tensor(x).detach()
+    shift = None if center is None else torch.as_tensor(center, dtype=torch.float64)
+    total = torch.zeros(m.shape[1], dtype=torch.float64)
+    n = 0
+    for start in range(0, m.shape[0], chunk_rows):
+        block = m[start : start + chunk_rows].to(torch.float64)
+        if shift is not None:
+            block = block - shift
+        u = unit_rows(block)
+        total += u.sum(dim=0)
+        n += u.shape[0]
     if n < 2:
         return float("nan")
-    total = u.sum(dim=0)
     return float(((total @ total) - n) / (n * (n - 1)))
 
 

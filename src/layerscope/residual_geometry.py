@@ -17,8 +17,10 @@ set (``roles``; optionally without the first token of each sequence):
   the median |h| of that layer; per layer the dimensions that carry any, how many tokens
   carry them, and the tokens with the largest values.
 
-The cache is read one layer at a time (:class:`~layerscope.activations.ActivationCache`), so
-peak memory is one layer's activations plus per-token norms, whatever the number of layers.
+The cache is read one layer at a time (:class:`~layerscope.activations.ActivationCache`) and
+float64 work runs on blocks of rows, so peak memory is about two copies of one layer's
+activations (the layer and its absolute values, for the median) plus per-token norms,
+whatever the number of layers.
 Note that positions before the user's prompt repeat identically across prompts of a
 decoder: ``roles: [prompt, completion]`` leaves them out of every statistic.
 """
@@ -38,7 +40,9 @@ from .activations import ActivationCache
 from .generate import ROLES
 from .geometry import between_within_ratio, eigen_isotropy, mean_pairwise_cosine
 from .io import write_json, write_parquet
-from .spectra import dims_for_variance, entropy_effective_rank, gram_eigh, participation_ratio
+from .spectra import (
+    column_mean, dims_for_variance, eigh_descending, entropy_effective_rank, gram_matrix, participation_ratio, row_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +141,7 @@ def residual_geometry(
 
     for layer in range(n_sites):
         h = read_rows(cache, layer, rows)  # [n, d] float32: the only per-layer array held
-        h64 = h.double()
-        norm = h64.norm(dim=1)
+        norm = torch.cat([h[c].to(torch.float64).norm(dim=1) for c in row_chunks(len(rows))])
         norms[layer] = norm.float().numpy()
         n_np = norm.numpy()
         curves["norm_mean"][layer] = n_np.mean()
@@ -148,18 +151,20 @@ def residual_geometry(
         curves["norm_max"][layer] = n_np.max()
         curves["norm_p99"][layer] = np.percentile(n_np, 99)
 
-        lam = gram_eigh(h64, center=True, n_vectors=0)[0] / (len(rows) - 1)
+        mean = column_mean(h)
+        lam = eigh_descending(gram_matrix(h, center=True), n_vectors=0)[0] / (len(rows) - 1)
         curves["participation_ratio"][layer] = participation_ratio(energies=lam)
         curves["effective_rank"][layer] = entropy_effective_rank(energies=lam)
         curves["dims_90"][layer] = dims_for_variance(lam, (0.9,))[0.9] if lam.sum() > 0 else np.nan
         curves["top_eigen_fraction"][layer] = lam[0] / lam.sum() if lam.sum() > 0 else np.nan
         curves["isotropy"][layer] = eigen_isotropy(lam)
-        curves["mean_cosine"][layer] = mean_pairwise_cosine(h64)
-        curves["mean_cosine_centered"][layer] = mean_pairwise_cosine(h64 - h64.mean(dim=0))
+        curves["mean_cosine"][layer] = mean_pairwise_cosine(h)
+        curves["mean_cosine_centered"][layer] = mean_pairwise_cosine(h, center=mean)
 
         if n_prompts >= 2:
             pooled = torch.zeros((n_prompts, d), dtype=torch.float64)
-            pooled.index_add_(0, pool_codes_t, h64[pool_idx])
+            for c in row_chunks(len(pool_idx)):
+                pooled.index_add_(0, pool_codes_t[c], h[pool_idx[c]].to(torch.float64))
             pooled /= counts_per_prompt
             sep = between_within_ratio(pooled.numpy(), prompt_categories)
             curves["category_separation"][layer] = sep["ratio"]
@@ -167,7 +172,7 @@ def residual_geometry(
             curves["category_within"][layer] = sep["within"]
 
         abs_h = h.abs()
-        median = float(abs_h.flatten().median())
+        median = float(np.median(abs_h.numpy()))
         median = median if median > 0 else float(abs_h[abs_h > 0].min()) if (abs_h > 0).any() else 1.0
         dim_max = abs_h.max(dim=0).values.double().numpy()
         dim_max_ratio[layer] = dim_max / median
@@ -182,7 +187,7 @@ def residual_geometry(
                 signed = float(h[i, dim])
                 massive_rows.append((layer, dim, int(counts[dim]), rank, row, tok["prompt_id"], int(tok["position"]),
                                      int(tok["token_id"]), tok["token"], tok["role"], signed, value / median))
-        del h, h64, abs_h
+        del h, abs_h
         log.info("residual geometry: layer %d/%d", layer, n_sites - 1)
 
     records = [(layer, metric, float(values[layer])) for metric, values in curves.items() for layer in range(n_sites)]

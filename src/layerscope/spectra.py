@@ -89,6 +89,51 @@ def single_thread():
         torch.set_num_threads(threads)
 
 
+CHUNK_ROWS = 1024
+
+
+def row_chunks(n: int, size: int = CHUNK_ROWS):
+    """Slices covering 0…n in blocks of ``size`` rows (float64 work on a tall matrix, a block at a time)."""
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def column_mean(x: torch.Tensor | np.ndarray, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mean of the rows of x in float64, accumulated by row chunks."""
+    m = torch.as_tensor(x).detach()
+    total = torch.zeros(m.shape[1], dtype=torch.float64)
+    for rows in row_chunks(m.shape[0], chunk_rows):
+        total += m[rows].to(torch.float64).sum(dim=0)
+    return total / max(1, m.shape[0])
+
+
+def gram_matrix(x: torch.Tensor | np.ndarray, *, center: bool = False, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """XᵀX (of the centred X with ``center``) in float64, accumulated by row chunks: no float64 copy of X is made."""
+    m = torch.as_tensor(x).detach()
+    mean = column_mean(m, chunk_rows) if center else None
+    gram = torch.zeros((m.shape[1], m.shape[1]), dtype=torch.float64)
+    for rows in row_chunks(m.shape[0], chunk_rows):
+        block = m[rows].to(torch.float64)
+        if mean is not None:
+            block = block - mean
+        gram += block.T @ block
+    return gram
+
+
+def eigh_descending(gram: torch.Tensor, n_vectors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (descending, clipped at 0) of a symmetric matrix and its leading ``n_vectors`` eigenvectors
+    as columns (all with None, none with 0)."""
+    gram = torch.as_tensor(gram).to(torch.float64)
+    with single_thread():
+        if n_vectors == 0:
+            values, vectors = torch.linalg.eigvalsh(gram), torch.zeros((gram.shape[0], 0), dtype=torch.float64)
+        else:
+            values, vectors = torch.linalg.eigh(gram)
+    values = values.flip(0).clamp_min(0.0).cpu().numpy()
+    vectors = vectors.flip(1).cpu().numpy()
+    return values, vectors if n_vectors is None else vectors[:, : int(n_vectors)].copy()
+
+
 def gram_eigh(x: torch.Tensor | np.ndarray, *, center: bool = False,
               n_vectors: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Eigen-decomposition of XᵀX in float64: (all eigenvalues descending, leading eigenvectors as columns).
@@ -99,15 +144,4 @@ def gram_eigh(x: torch.Tensor | np.ndarray, *, center: bool = False,
     which is cheaper). The covariance eigenvalues of the rows of X are
     ``gram_eigh(x, center=True, n_vectors=0)[0] / (n − 1)``.
     """
-    m = torch.as_tensor(x).detach().to(torch.float64)
-    if center:
-        m = m - m.mean(dim=0, keepdim=True)
-    gram = m.T @ m
-    with single_thread():
-        if n_vectors == 0:
-            values, vectors = torch.linalg.eigvalsh(gram), torch.zeros((gram.shape[0], 0), dtype=torch.float64)
-        else:
-            values, vectors = torch.linalg.eigh(gram)
-    values = values.flip(0).clamp_min(0.0).cpu().numpy()
-    vectors = vectors.flip(1).cpu().numpy()
-    return values, vectors if n_vectors is None else vectors[:, : int(n_vectors)].copy()
+    return eigh_descending(gram_matrix(x, center=center), n_vectors)
