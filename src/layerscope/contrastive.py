@@ -398,7 +398,7 @@ def plot_curves(result: ContrastiveResult, path: str | Path, which: str) -> None
     s = result.summary
     data = result.cosine if which == "cosine" else result.kl
     x = np.arange(s["n_layers"] + 1)
-    with figure(width=7.0, height=4.0) as (fig, ax):
+    with figure(width=7.0, height=4.2) as (fig, ax):
         for k, (relation, values) in enumerate(data.items()):
             mean, sem = values.mean(axis=0), _sem(values)
             ax.plot(x, mean, marker="o", markersize=2.5, color=PALETTE[k], label=relation)
@@ -411,9 +411,10 @@ def plot_curves(result: ContrastiveResult, path: str | Path, which: str) -> None
         else:
             ax.set_yscale("log")
             ax.set_ylabel("KL(anchor ‖ completion) of lens distributions (nats)")
-            title = f"logit-lens divergence from the anchor ({s['lens_tokens']} completion token{'s' if s['lens_tokens'] == 'all' else ''})"
+            tokens = "averaged over the completion's tokens" if s["lens_tokens"] == "all" else "at its last token"
+            title = f"logit-lens divergence from the anchor completion, {tokens}"
         ax.legend(loc="best")
-        ax.set_title(f"{title} — {s['model']}, {s['n_groups']} groups (bands: ±1 s.e.; dashed: crossover)")
+        ax.set_title(f"{title}\n{s['model']}, {s['n_groups']} groups (bands: ±1 s.e.; dashed: crossover layer)")
         save(fig, path)
 
 
