@@ -263,7 +263,7 @@ def force_decode(adapter, prompt_ids: list[int], completions: list[list[int]], r
     if readout is None:
         return traj.cpu().numpy(), None
     if lens_tokens == "last":
-        last = states[torch.arange(n), :, (lengths - 1).to(device)]  # [n, L+1, d]
+        last = states[torch.arange(n, device=device), :, (lengths - 1).to(device)]  # [n, L+1, d]
         logp = torch.log_softmax(readout(last.reshape(-1, last.shape[-1])).float(), dim=-1)
         logp = logp.reshape(n, states.shape[1], -1)
     elif lens_tokens == "all":
