@@ -26,6 +26,10 @@ include: "rules/logit_lens.smk"
 include: "rules/linearization.smk"
 include: "rules/quantization.smk"
 include: "rules/sensitivity_vs_linearity.smk"
+include: "rules/residual_geometry.smk"
+include: "rules/delta_svd.smk"
+include: "rules/embedding_geometry.smk"
+include: "rules/contrastive.smk"
 include: "rules/report.smk"
 
 

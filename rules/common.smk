@@ -87,3 +87,16 @@ def model_report_pages(wildcards):
 
 def reported_models(wildcards):
     return lsconfig.reported_models(config)
+
+
+def experiment_input(name, key):
+    """A file an experiment reads, named by one of its parameters (so editing the file re-runs it)."""
+
+    def path(wildcards):
+        return config["experiments"][name][key]
+
+    return path
+
+
+def rendering_params(wildcards):
+    return lsconfig.rendering_params(config, wildcards.model)

@@ -29,11 +29,18 @@ class ConfigError(LayerscopeError):
 class ExperimentInfo:
     name: str
     needs: str  # "decoder" or "any": which model kinds it supports
-    data: str  # "prompts": per (model, prompt set); "weights": per model
+    # "prompts": per (model, prompt set); "weights": per model, from its weights; "inputs": per model,
+    # from inputs the experiment ships itself (e.g. contrastive groups). Only "prompts" has a {pset}.
+    data: str
     gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
     description: str
     # experiments whose results it reads: it runs only where every one of them runs
     requires: tuple[str, ...] = ()
+
+    @property
+    def per_model(self) -> bool:
+        """Whether runs are per model only (results/{model}/{experiment}/), without a prompt set."""
+        return self.data != "prompts"
 
 
 EXPERIMENTS: dict[str, ExperimentInfo] = {
@@ -45,6 +52,12 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
         ExperimentInfo("sensitivity_vs_linearity", "decoder", "prompts", False,
                        "rank correlation of quantization sensitivity with the linearization gap",
                        requires=("linearization", "quantization")),
+        ExperimentInfo("residual_geometry", "any", "prompts", False,
+                       "norms, dimensionality, isotropy, clustering and massive activations of the residual stream"),
+        ExperimentInfo("delta_svd", "decoder", "prompts", False, "the SVD of each block's residual update"),
+        ExperimentInfo("embedding_geometry", "any", "weights", False, "geometry of the (un)embedding matrix"),
+        ExperimentInfo("contrastive", "decoder", "inputs", True,
+                       "trajectories of force-decoded synonym/antonym/style/unrelated completions"),
     ]
 }
 
@@ -159,7 +172,7 @@ def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
         return []
     info = EXPERIMENTS[name]
     models = experiment_models(config, name)
-    if info.data == "weights":
+    if info.per_model:
         runs = [{"model": m} for m in models]
     else:
         runs = [{"model": m, "pset": p} for m in models for p in experiment_prompt_sets(config, name)]
@@ -171,7 +184,7 @@ def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
 
 def summary_path(name: str, run: dict[str, str]) -> str:
     info = EXPERIMENTS[name]
-    pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.data == "weights")
+    pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.per_model)
     return pattern.format(**run)
 
 
@@ -248,6 +261,17 @@ def generation_params(config: dict, model: str, pset: str) -> dict:
         "dtype": spec["dtype"],
         "limit": ps.get("limit"),
         "seed": config["seed"],
+    }
+
+
+def rendering_params(config: dict, model: str) -> dict:
+    """How a model's prompts are rendered and run, for experiments that force-decode their own inputs."""
+    spec = model_spec(config, model)
+    gen = config["generation"]
+    return {
+        "system_prompt": spec["system_prompt"] if "system_prompt" in spec else gen["system_prompt"],
+        "chat_template": spec["chat_template"],
+        "dtype": spec["dtype"],
     }
 
 

@@ -1,0 +1,138 @@
+"""Geometry of point clouds, shared by the residual, delta and embedding experiments.
+
+Each function names its definition:
+
+* ``mean_pairwise_cosine`` — the mean of cos(x_i, x_j) over all ordered pairs i ≠ j,
+  computed exactly in O(n·d) as (‖Σ u_i‖² − n) / (n(n − 1)) with u_i = x_i / ‖x_i‖;
+* ``eigen_isotropy`` — 1 − λ_max / Σλ of the covariance eigenvalues (0: one direction
+  holds all variance; 1 − 1/d: perfectly isotropic);
+* ``between_within_ratio`` — mean distance between points of different labels over the
+  mean distance between points of the same label (1: no clustering; > 1: clustered);
+* ``cayley_menger_volume`` — the k-volume of a simplex with k + 1 vertices from its squared
+  edge lengths (Cayley–Menger determinant), batched;
+* ``subspace_overlap`` — ‖AᵀB‖_F² / k for orthonormal bases A, B of two k-dimensional
+  subspaces (mean squared cosine of their principal angles: 1 identical, k/d expected
+  for random subspaces of R^d);
+* ``capture`` — ‖Bᵀv‖² / ‖v‖²: the fraction of a vector's energy inside span(B).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.spatial.distance import pdist
+
+
+def unit_rows(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """The non-zero rows of x scaled to unit norm, in float64 (zero rows are dropped)."""
+    x = torch.as_tensor(x).to(torch.float64)
+    norms = x.norm(dim=1)
+    keep = norms > 0
+    if not bool(keep.all()):
+        x, norms = x[keep], norms[keep]
+    return x / norms[:, None]
+
+
+def mean_pairwise_cosine(x: torch.Tensor | np.ndarray, *, center: torch.Tensor | np.ndarray | None = None,
+                         chunk_rows: int = 1024) -> float:
+    """Mean cosine similarity over all ordered pairs of distinct rows of x − center (zero rows excluded).
+
+    Works through x by row chunks in float64, so no float64 copy of x is made.
+    """
+    m = torch.as_tensor(x).detach()
+    shift = None if center is None else torch.as_tensor(center, dtype=torch.float64)
+    total = torch.zeros(m.shape[1], dtype=torch.float64)
+    n = 0
+    for start in range(0, m.shape[0], chunk_rows):
+        block = m[start : start + chunk_rows].to(torch.float64)
+        if shift is not None:
+            block = block - shift
+        u = unit_rows(block)
+        total += u.sum(dim=0)
+        n += u.shape[0]
+    if n < 2:
+        return float("nan")
+    return float(((total @ total) - n) / (n * (n - 1)))
+
+
+def eigen_isotropy(eigenvalues: np.ndarray) -> float:
+    """1 − λ_max / Σλ."""
+    lam = np.clip(np.asarray(eigenvalues, dtype=float), 0, None)
+    total = lam.sum()
+    return float(1.0 - lam.max() / total) if total > 0 else float("nan")
+
+
+def between_within_ratio(points: np.ndarray, labels, metric: str = "euclidean") -> dict:
+    """Mean between-label over mean within-label pairwise distance (scipy ``pdist`` metric).
+
+    Returns ``{"ratio", "between", "within", "n_within_pairs", "n_between_pairs"}``; the ratio
+    is NaN when there are no within-label pairs or no between-label pairs.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    labels = np.asarray(labels)
+    n = len(labels)
+    if n < 2:
+        return {"ratio": float("nan"), "between": float("nan"), "within": float("nan"),
+                "n_within_pairs": 0, "n_between_pairs": 0}
+    dist = pdist(points, metric=metric)
+    i, j = np.triu_indices(n, k=1)  # pdist's pair order
+    same = labels[i] == labels[j]
+    within = float(dist[same].mean()) if same.any() else float("nan")
+    between = float(dist[~same].mean()) if (~same).any() else float("nan")
+    ratio = between / within if same.any() and (~same).any() and within > 0 else float("nan")
+    return {"ratio": ratio, "between": between, "within": within,
+            "n_within_pairs": int(same.sum()), "n_between_pairs": int((~same).sum())}
+
+
+def cayley_menger_volume(points: np.ndarray | torch.Tensor) -> np.ndarray:
+    """k-volume of simplices given as [..., k+1, d] vertex arrays, by the Cayley–Menger determinant.
+
+    V² = (−1)^(k+1) / (2^k (k!)²) · det(CM), with CM the (k+2)×(k+2) matrix of squared edge
+    lengths bordered by ones. Each simplex is rescaled by its mean squared edge length before
+    the determinant (V scales as s^k), which keeps the determinant well conditioned. A
+    degenerate simplex (V² ≤ 0 from rounding) gets volume 0.
+    """
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim < 2 or p.shape[-2] < 2:
+        raise ValueError(f"need vertices as [..., k+1, d] with k ≥ 1, got shape {p.shape}")
+    m = p.shape[-2]
+    k = m - 1
+    diff = p[..., :, None, :] - p[..., None, :, :]
+    sq = (diff**2).sum(-1)  # [..., m, m]
+    iu = np.triu_indices(m, k=1)
+    scale = sq[..., iu[0], iu[1]].mean(-1)  # mean squared edge length
+    safe = np.where(scale > 0, scale, 1.0)
+    sq = sq / safe[..., None, None]
+    cm = np.ones(p.shape[:-2] + (m + 1, m + 1))
+    cm[..., 0, 0] = 0.0
+    cm[..., 1:, 1:] = sq
+    det = np.linalg.det(cm)
+    vol_sq = (-1) ** (k + 1) * det / (2**k * math.factorial(k) ** 2)
+    vol = np.sqrt(np.clip(vol_sq, 0, None)) * safe ** (k / 2)
+    return np.where(scale > 0, vol, 0.0)
+
+
+def regular_simplex_volume(k: int, edge: float = 1.0) -> float:
+    """Closed form: the k-volume of a regular k-simplex with the given edge length."""
+    return edge**k / math.factorial(k) * math.sqrt((k + 1) / 2**k)
+
+
+def subspace_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """‖AᵀB‖_F² / k for orthonormal columns A [d, k], B [d, k]."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    return float(np.sum((a.T @ b) ** 2) / min(a.shape[1], b.shape[1]))
+
+
+def capture(basis: np.ndarray, v: np.ndarray) -> float:
+    """Fraction of ‖v‖² inside the span of the orthonormal columns of ``basis`` [d, r]."""
+    v = np.asarray(v, dtype=float)
+    norm = v @ v
+    return float(np.sum((np.asarray(basis, dtype=float).T @ v) ** 2) / norm) if norm > 0 else float("nan")
+
+
+def orthonormal_basis(vectors: np.ndarray, rank: int) -> np.ndarray:
+    """The top-``rank`` right singular vectors of the stacked row vectors, as columns [d, rank]."""
+    _, _, vt = np.linalg.svd(np.asarray(vectors, dtype=float), full_matrices=False)
+    return vt[:rank].T
