@@ -23,6 +23,9 @@ include: "rules/models.smk"
 include: "rules/completions.smk"
 include: "rules/activations.smk"
 include: "rules/logit_lens.smk"
+include: "rules/weight_spectra.smk"
+include: "rules/weight_topology.smk"
+include: "rules/cross_model.smk"
 include: "rules/report.smk"
 
 

@@ -29,7 +29,7 @@ class ConfigError(LayerscopeError):
 class ExperimentInfo:
     name: str
     needs: str  # "decoder" or "any": which model kinds it supports
-    data: str  # "prompts": per (model, prompt set); "weights": per model
+    data: str  # "prompts": per (model, prompt set); "weights": per model; "pairs": per pair of models
     gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
     description: str
 
@@ -38,6 +38,11 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
     info.name: info
     for info in [
         ExperimentInfo("logit_lens", "decoder", "prompts", False, "how predictions form across depth"),
+        ExperimentInfo("weight_spectra", "any", "weights", False, "singular-value spectra of every weight matrix"),
+        ExperimentInfo("weight_topology", "any", "weights", False,
+                       "sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions"),
+        ExperimentInfo("cross_model", "any", "pairs", False,
+                       "CKA between the layers of two models; Procrustes alignment of their embeddings"),
     ]
 }
 
@@ -101,6 +106,14 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
     problems = []
     models = filled["models"]
     psets = filled["prompt_sets"]
+    for slug in models:
+        if slug in paths.RESERVED_MODEL_SLUGS:
+            problems.append(f"config.models.{slug}: {slug!r} is reserved (a folder of results/); rename the model")
+    weights_only = [name for name, info in EXPERIMENTS.items() if info.data == "weights"]
+    for slug in psets:
+        if slug in weights_only:
+            problems.append(f"config.prompt_sets.{slug}: {slug!r} is the name of a weights-only experiment "
+                            "(results/{model}/" + slug + "/); rename the prompt set")
     for slug, pset in psets.items():
         file = Path(base_dir) / pset["path"]
         try:
@@ -154,22 +167,45 @@ def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
     models = experiment_models(config, name)
     if info.data == "weights":
         return [{"model": m} for m in models]
+    if info.data == "pairs":
+        return pair_runs(config, name)
     return [{"model": m, "pset": p} for m in models for p in experiment_prompt_sets(config, name)]
+
+
+def model_pairs(config: dict, name: str) -> list[tuple[str, str]]:
+    """Every unordered pair of an experiment's models, in config order."""
+    models = experiment_models(config, name)
+    return [(a, b) for i, a in enumerate(models) for b in models[i + 1 :]]
+
+
+def pair_runs(config: dict, name: str) -> list[dict[str, str]]:
+    """Runs of a pairwise experiment: one per (analysis, pair[, prompt set])."""
+    runs = []
+    for analysis, data in paths.CROSS_MODEL_ANALYSES.items():
+        for a, b in model_pairs(config, name):
+            if data == "prompts":
+                runs += [{"analysis": analysis, "model_a": a, "model_b": b, "pset": p}
+                         for p in experiment_prompt_sets(config, name)]
+            else:
+                runs.append({"analysis": analysis, "model_a": a, "model_b": b})
+    return runs
 
 
 def summary_path(name: str, run: dict[str, str]) -> str:
     info = EXPERIMENTS[name]
+    if info.data == "pairs":
+        return paths.cross_model_file(run["analysis"], paths.SUMMARY).format(**run)
     pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.data == "weights")
     return pattern.format(**run)
 
 
 def model_summaries(config: dict, model: str) -> list[str]:
-    """Every summary.json that belongs to one model's report."""
+    """Every summary.json that belongs to one model's report (pairwise results go to the cross-model page)."""
     return [
         summary_path(name, run)
         for name in enabled_experiments(config)
         for run in experiment_runs(config, name)
-        if run["model"] == model
+        if run.get("model") == model
     ]
 
 
