@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .adapter import PROJECTION_TYPES, ModelAdapter
 from .io import write_json, write_parquet
 from .spectra import condition_number, entropy_effective_rank, participation_ratio, singular_values, stable_rank
-from .weights import WeightSource, weight_inventory
+from .weights import WeightSource, parallel_map, weight_inventory
 
 log = logging.getLogger(__name__)
 
@@ -118,21 +119,23 @@ def weight_spectra(
     degenerate_fraction: float = 0.5,
     n_top_jumps: int = 5,
     chunk_rows: int = 8192,
+    workers: int | None = None,
 ) -> SpectraResult:
     source = WeightSource(adapter)
-    records, sv_frames = [], []
     inventory = weight_inventory(adapter)
-    for n_done, w in enumerate(inventory, 1):
+    log.info("weight spectra: %d matrices on %d thread(s)", len(inventory), workers or torch.get_num_threads())
+
+    def analyse(w):
         matrix = source.matrix(w)
-        rows, cols = (int(x) for x in matrix.shape)
-        s = singular_values(matrix, chunk_rows=chunk_rows)
+        return tuple(int(x) for x in matrix.shape), singular_values(matrix, chunk_rows=chunk_rows)
+
+    records, sv_frames = [], []
+    for w, ((rows, cols), s) in zip(inventory, parallel_map(analyse, inventory, workers)):
         records.append({"name": w.name, "type": w.type, "layer": w.layer, "rows": rows, "cols": cols,
                         **spectrum_metrics(s, rows, cols)})
         kept = s if top_k is None else s[:top_k]
         sv_frames.append(pd.DataFrame({"matrix": w.name, "type": w.type, "layer": w.layer,
                                        "index": np.arange(len(kept), dtype=np.int32), "value": kept}))
-        if n_done % 25 == 0:
-            log.info("weight spectra: %d/%d matrices", n_done, len(inventory))
     table = pd.DataFrame(records)
     table["layer"] = table["layer"].astype("Int64")
     svs = pd.concat(sv_frames, ignore_index=True)

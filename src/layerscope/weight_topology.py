@@ -36,10 +36,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from . import LayerscopeError
 from .adapter import PROJECTION_TYPES, ModelAdapter
 from .io import write_json, write_parquet
 from .spectra import entropy_effective_rank, singular_values, stable_rank
-from .weights import WeightSource, weight_inventory
+from .weights import WeightSource, parallel_map, weight_inventory
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ DEFINITIONS = {
 # ---------------------------------------------------------------------------- sparsity
 
 
-def sparsity(source: WeightSource, abs_thresholds, rms_thresholds) -> pd.DataFrame:
+def sparsity(source: WeightSource, abs_thresholds, rms_thresholds, workers: int | None = None) -> pd.DataFrame:
     """One row per matrix: its size and the count of entries below each threshold."""
-    rows = []
-    for w in weight_inventory(source.adapter):
+
+    def count(w):
         a = source.matrix(w).abs().float()
         rms = float(torch.sqrt((a.double() ** 2).mean()))
         row = {"matrix": w.name, "type": w.type, "layer": w.layer, "numel": a.numel(), "rms": rms}
@@ -71,8 +72,9 @@ def sparsity(source: WeightSource, abs_thresholds, rms_thresholds) -> pd.DataFra
             row[f"sparsity_abs_lt_{t:g}"] = int((a < t).sum())
         for t in rms_thresholds:
             row[f"sparsity_rms_lt_{t:g}"] = int((a < t * rms).sum())
-        rows.append(row)
-    frame = pd.DataFrame(rows)
+        return row
+
+    frame = pd.DataFrame(parallel_map(count, weight_inventory(source.adapter), workers))
     frame["layer"] = frame["layer"].astype("Int64")
     return frame
 
@@ -134,13 +136,14 @@ QK_METRICS = ("entropy_effective_rank", "entropy_effective_rank_ratio", "stable_
               "positive_energy_fraction", "n_positive_eigenvalues", "n_negative_eigenvalues")
 
 
-def qk_circuits(adapter: ModelAdapter) -> tuple[pd.DataFrame, pd.DataFrame]:
+def qk_circuits(adapter: ModelAdapter, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Per (layer, query head): the circuit's metrics; and its singular values (long)."""
     f = adapter.facts
     hd, group = f.head_dim, f.gqa_group
-    rows, spectra = [], []
-    for layer in range(adapter.n_layers):
+
+    def layer_circuits(layer):
         proj = adapter.projections(layer)
+        rows, spectra = [], []
         for head in range(f.n_heads):
             kv = head // group
             out = qk_circuit(proj["q"][head * hd : (head + 1) * hd], proj["k"][kv * hd : (kv + 1) * hd])
@@ -148,16 +151,25 @@ def qk_circuits(adapter: ModelAdapter) -> tuple[pd.DataFrame, pd.DataFrame]:
             sv = out["singular_values"]
             spectra.append(pd.DataFrame({"layer": layer, "head": head, "index": np.arange(len(sv), dtype=np.int32),
                                          "singular_value": sv}))
+        return rows, spectra
+
+    results = parallel_map(layer_circuits, range(adapter.n_layers), workers)
+    rows = [r for layer_rows, _ in results for r in layer_rows]
+    spectra = [s for _, layer_spectra in results for s in layer_spectra]
     return pd.DataFrame(rows), pd.concat(spectra, ignore_index=True)
 
 
 # ---------------------------------------------------------------------------- MLP neurons
 
 
-def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: float) -> pd.DataFrame:
+def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: float,
+                workers: int | None = None) -> pd.DataFrame:
     """One row per (layer, hidden neuron): input/output norms, their ratios to the layer median, status."""
-    frames = []
-    for layer in range(adapter.n_layers):
+    if dead_ratio > degenerate_ratio:
+        raise LayerscopeError(f"weight_topology: dead_ratio ({dead_ratio}) must not exceed degenerate_ratio "
+                              f"({degenerate_ratio})")
+
+    def layer_neurons(layer):
         proj = adapter.projections(layer)
         norms = {}
         for t in ("gate", "up"):
@@ -176,8 +188,9 @@ def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: floa
                                    np.where(frame["ratio"] < degenerate_ratio, "degenerate", "ok"))
         frame.insert(0, "neuron", np.arange(len(frame), dtype=np.int32))
         frame.insert(0, "layer", layer)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
+        return frame
+
+    return pd.concat(parallel_map(layer_neurons, range(adapter.n_layers), workers), ignore_index=True)
 
 
 # ---------------------------------------------------------------------------- cross-layer correlation
@@ -206,16 +219,18 @@ def correlation_matrix(matrices: list[torch.Tensor], chunk_elements: int = 1 << 
     return corr
 
 
-def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20) -> dict[str, np.ndarray]:
+def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: int | None = None
+                ) -> dict[str, np.ndarray]:
     """Per block type: the layers × layers Pearson correlation of its weights."""
     inventory = [w for w in weight_inventory(source.adapter) if w.layer is not None]
-    out = {}
+    groups = {}
     for mtype in [t for t in PROJECTION_TYPES if any(w.type == t for w in inventory)]:
         group = sorted((w for w in inventory if w.type == mtype), key=lambda w: w.layer)
-        if len(group) < 2:
-            continue
-        out[mtype] = correlation_matrix([source.matrix(w) for w in group], chunk_elements)
-    return out
+        if len(group) >= 2:
+            groups[mtype] = group
+    results = parallel_map(lambda g: correlation_matrix([source.matrix(w) for w in g], chunk_elements),
+                           groups.values(), workers)
+    return dict(zip(groups, results))
 
 
 # ---------------------------------------------------------------------------- norm scales
@@ -331,20 +346,21 @@ def weight_topology(
     dead_ratio: float = 0.01,
     degenerate_ratio: float = 0.1,
     chunk_elements: int = 1 << 20,
+    workers: int | None = None,
 ) -> TopologyResult:
     f = adapter.facts
     source = WeightSource(adapter)
 
     log.info("sparsity")
-    counts = sparsity(source, abs_thresholds, rms_thresholds)
+    counts = sparsity(source, abs_thresholds, rms_thresholds, workers)
     per_matrix, sparsity_by_type, sparsity_overall = sparsity_fractions(counts)
     sparsity_cols = [c for c in per_matrix.columns if c.startswith("sparsity_")]
 
     log.info("QK circuits (%d layers x %d heads)", adapter.n_layers, f.n_heads)
-    qk, qk_spectra = qk_circuits(adapter)
+    qk, qk_spectra = qk_circuits(adapter, workers)
 
     log.info("MLP neurons")
-    neurons = mlp_neurons(adapter, dead_ratio, degenerate_ratio)
+    neurons = mlp_neurons(adapter, dead_ratio, degenerate_ratio, workers)
     per_layer_neurons = neurons.groupby("layer")["status"].value_counts().unstack(fill_value=0)
     for status in ("dead", "degenerate", "ok"):
         if status not in per_layer_neurons:
@@ -352,7 +368,7 @@ def weight_topology(
     per_layer_neurons = per_layer_neurons.reset_index()
 
     log.info("cross-layer correlation")
-    correlations = cross_layer(source, chunk_elements)
+    correlations = cross_layer(source, chunk_elements, workers)
     corr_rows = []
     for mtype, corr in correlations.items():
         n = corr.shape[0]
