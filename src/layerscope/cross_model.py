@@ -124,7 +124,7 @@ def pooled_grams(cache: ActivationCache, prompt_ids: list[str], tokens: str = "p
     if missing:
         raise LayerscopeError(f"{cache.directory}: no {tokens!r} tokens for prompt(s) {missing[:5]}")
     position = {pid: k for k, pid in enumerate(prompt_ids)}
-    group = torch.as_tensor(selected["prompt_id"].map(position).to_numpy(), dtype=torch.long)
+    group = torch.tensor(selected["prompt_id"].map(position).to_numpy(dtype=np.int64))
     rows = selected["row"].to_numpy()
     counts = torch.bincount(group, minlength=len(prompt_ids)).to(torch.float64)[:, None]
     grams = []

@@ -31,7 +31,7 @@ def headline(summary: dict) -> dict[str, Any]:
     """The summary's top-level scalars and short scalar lists (model / prompt_set excluded)."""
     out = {}
     for key, value in summary.items():
-        if key in ("model", "prompt_set", "experiment"):
+        if key in ("model", "prompt_set", "experiment", "model_a", "model_b"):
             continue
         if _is_scalar(value):
             out[key] = value
@@ -163,7 +163,8 @@ def cross_model_report(summary_paths: list[str | Path], out_md: str | Path, out_
     for (experiment, pset), group in table.groupby(["experiment", "prompt_set"], sort=False):
         wide = group.pivot_table(index="metric", columns="model", values="value", aggfunc="first", sort=False)
         wide = wide.reindex(columns=[m for m in models if m in wide.columns])
-        rows = [[metric] + [_fmt(v) if isinstance(v, str) and not v.startswith("[") else str(v)
+        rows = [[metric] + [_fmt(v) if isinstance(v, str) and not v.startswith("[") else
+                            "–" if v is None or (isinstance(v, float) and v != v) else str(v)
                             for v in wide.loc[metric].tolist()] for metric in wide.index]
         title = f"{experiment} — prompt set `{pset}`" if pset else f"{experiment} — weights"
         md += [f"## {title}", "", _md_table(["metric", *wide.columns.tolist()], rows), ""]

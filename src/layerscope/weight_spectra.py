@@ -203,7 +203,10 @@ def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_frac
         "degenerate": degenerate["name"].tolist(),
         "by_type": by_type,
         "top_jumps": top,
-        "degenerate_matrices": degenerate.to_dict(orient="records"),
+        "degenerate_matrices": {row["name"]: {"type": row["type"], "layer": int(row["layer"]),
+                                              "entropy_effective_rank_ratio": row["entropy_effective_rank_ratio"],
+                                              "type_median_ratio": row["type_median_ratio"]}
+                                for _, row in degenerate.iterrows()},
         "model_matrices": model_level,
         "definitions": RANK_DEFINITIONS,
         "params": {"top_k": top_k, "degenerate_fraction": degenerate_fraction, "jump_metric": "entropy_effective_rank"},

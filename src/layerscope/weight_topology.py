@@ -273,8 +273,11 @@ def norm_scale_stats(scales: pd.DataFrame) -> pd.DataFrame:
 # ---------------------------------------------------------------------------- position structure
 
 
-def position_structure(table: torch.Tensor, offsets_reported=(1, 2, 4, 8, 16, 32, 64)) -> tuple[dict, pd.DataFrame]:
-    """Structure of a learned absolute position table [n_positions, d_model]."""
+def position_structure(table: torch.Tensor, offsets_reported=(1, 2, 4, 8, 16, 32, 64)) -> tuple:
+    """Structure of a learned absolute position table [n_positions, d_model].
+
+    Returns (stats, offset-cosine curve, norm per position, cosine matrix).
+    """
     p = torch.as_tensor(table).detach().to(torch.float64)
     n = p.shape[0]
     norms = torch.linalg.vector_norm(p, dim=1)

@@ -137,5 +137,11 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
     if workers <= 1 or len(items) <= 1:
         with single_threaded_torch():
             return [fn(x) for x in items]
+
+    def single(x):
+        # OpenMP's thread count is per thread: a worker would otherwise start with the machine default
+        torch.set_num_threads(1)
+        return fn(x)
+
     with single_threaded_torch(), ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(single, items))
