@@ -179,3 +179,19 @@ def test_cross_layer_correlation_of_identical_layers_is_one():
     ref = np.corrcoef(np.stack([WeightSource(adapter).matrix(w).double().flatten().numpy()
                                 for w in weight_inventory(adapter) if w.type == "q"]))
     np.testing.assert_allclose(result.correlations["q"], ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sparsity_counts_are_independent_of_the_row_blocks():
+    from layerscope.weight_topology import sparsity
+
+    adapter = ModelAdapter(tiny_model("gpt2"))  # Conv1D: transposed, strided matrices
+    source = WeightSource(adapter)
+    whole = sparsity(source, (1e-3, 1e-2), (0.1, 1.0), workers=1)
+    blocks = sparsity(source, (1e-3, 1e-2), (0.1, 1.0), workers=2, chunk_elements=7)
+    pd.testing.assert_frame_equal(whole.drop(columns="rms"), blocks.drop(columns="rms"))
+    np.testing.assert_allclose(whole["rms"], blocks["rms"], rtol=1e-12)
+    for w in weight_inventory(adapter)[:4]:
+        m = source.matrix(w).double()
+        row = whole.set_index("matrix").loc[w.name]
+        assert row["rms"] == pytest.approx(float(m.pow(2).mean().sqrt()), rel=1e-12)
+        assert row["sparsity_rms_lt_1"] == int((m.abs() < float(m.pow(2).mean().sqrt())).sum())

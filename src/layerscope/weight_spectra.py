@@ -299,7 +299,9 @@ def write_outputs(result: SpectraResult, outputs) -> None:
 def run_weight_spectra(model_dir, outputs, *, params: dict, model: str) -> SpectraResult:
     """The workflow stage: load the weights (no activations), analyse, write every output."""
     from .adapter import load_model
+    from .weights import return_large_frees_to_the_os
 
+    return_large_frees_to_the_os()
     adapter = load_model(model_dir, dtype="float32", device="cpu")
     result = weight_spectra(
         adapter, model=model, top_k=params.get("top_k"), degenerate_fraction=params.get("degenerate_fraction", 0.5),

@@ -61,17 +61,29 @@ DEFINITIONS = {
 # ---------------------------------------------------------------------------- sparsity
 
 
-def sparsity(source: WeightSource, abs_thresholds, rms_thresholds, workers: int | None = None) -> pd.DataFrame:
-    """One row per matrix: its size and the count of entries below each threshold."""
+def _row_blocks(matrix: torch.Tensor, chunk_elements: int):
+    rows = max(1, chunk_elements // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        yield matrix[start : start + rows]
+
+
+def sparsity(source: WeightSource, abs_thresholds, rms_thresholds, workers: int | None = None,
+             chunk_elements: int = 1 << 20) -> pd.DataFrame:
+    """One row per matrix: its size and the count of entries below each threshold (streamed by row blocks)."""
 
     def count(w):
-        a = source.matrix(w).abs().float()
-        rms = float(torch.sqrt((a.double() ** 2).mean()))
-        row = {"matrix": w.name, "type": w.type, "layer": w.layer, "numel": a.numel(), "rms": rms}
-        for t in abs_thresholds:
-            row[f"sparsity_abs_lt_{t:g}"] = int((a < t).sum())
-        for t in rms_thresholds:
-            row[f"sparsity_rms_lt_{t:g}"] = int((a < t * rms).sum())
+        m = source.matrix(w)
+        sumsq = sum(float((block.double() ** 2).sum()) for block in _row_blocks(m, chunk_elements))
+        rms = float(np.sqrt(sumsq / m.numel()))
+        row = {"matrix": w.name, "type": w.type, "layer": w.layer, "numel": m.numel(), "rms": rms}
+        cols = [(f"sparsity_abs_lt_{t:g}", t) for t in abs_thresholds]
+        cols += [(f"sparsity_rms_lt_{t:g}", t * rms) for t in rms_thresholds]
+        for name, _ in cols:
+            row[name] = 0
+        for block in _row_blocks(m, chunk_elements):
+            a = block.abs().float()
+            for name, threshold in cols:
+                row[name] += int((a < threshold).sum())
         return row
 
     frame = pd.DataFrame(parallel_map(count, weight_inventory(source.adapter), workers))
@@ -199,15 +211,16 @@ def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: floa
 def correlation_matrix(matrices: list[torch.Tensor], chunk_elements: int = 1 << 20) -> np.ndarray:
     """Pearson correlation of flattened equal-shape matrices, all pairs, streamed by row blocks.
 
-    Only ``len(matrices)`` × ``chunk_elements`` float64 values are held at once.
+    About ``chunk_elements`` float64 values (over all matrices together) are held at once.
     """
     n = len(matrices)
     shape = tuple(matrices[0].shape)
     if any(tuple(m.shape) != shape for m in matrices):
         raise ValueError(f"matrices of one type differ in shape: {[tuple(m.shape) for m in matrices]}")
-    rows_per_chunk = max(1, chunk_elements // max(1, shape[1]))
+    rows_per_chunk = max(1, chunk_elements // max(1, shape[1] * n))
     count = shape[0] * shape[1]
-    means = np.array([float(m.double().sum()) / count for m in matrices])
+    means = np.array([sum(float(b.double().sum()) for b in _row_blocks(m, chunk_elements)) / count
+                      for m in matrices])
     gram = np.zeros((n, n))
     for start in range(0, shape[0], rows_per_chunk):
         block = torch.stack([m[start : start + rows_per_chunk].to(torch.float64).reshape(-1) for m in matrices])
@@ -355,7 +368,7 @@ def weight_topology(
     source = WeightSource(adapter)
 
     log.info("sparsity")
-    counts = sparsity(source, abs_thresholds, rms_thresholds, workers)
+    counts = sparsity(source, abs_thresholds, rms_thresholds, workers, chunk_elements)
     per_matrix, sparsity_by_type, sparsity_overall = sparsity_fractions(counts)
     sparsity_cols = [c for c in per_matrix.columns if c.startswith("sparsity_")]
 
@@ -672,7 +685,9 @@ def write_outputs(result: TopologyResult, outputs) -> None:
 def run_weight_topology(model_dir, outputs, *, params: dict, model: str) -> TopologyResult:
     """The workflow stage: load the weights (no activations), analyse, write every output."""
     from .adapter import load_model
+    from .weights import return_large_frees_to_the_os
 
+    return_large_frees_to_the_os()
     adapter = load_model(model_dir, dtype="float32", device="cpu")
     result = weight_topology(
         adapter, model=model, abs_thresholds=tuple(params.get("abs_thresholds", (1e-4, 1e-3, 1e-2, 1e-1))),

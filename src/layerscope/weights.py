@@ -15,6 +15,7 @@ Block matrices are named ``{type}.{layer}`` (``q.12``), model-level ones by thei
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, TypeVar
@@ -145,3 +146,18 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
 
     with single_threaded_torch(), ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(single, items))
+
+
+def return_large_frees_to_the_os(threshold: int = 4 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes or more by mmap (glibc's M_MMAP_THRESHOLD).
+
+    The weight analyses convert one matrix after another to float64 on several threads.
+    glibc otherwise raises its mmap threshold after the first large free, and each worker
+    thread's heap arena then keeps the freed copies: the process grows by hundreds of MiB
+    beyond the model. A fixed threshold returns every freed large block at once. Called by
+    the weight experiments' stage functions (one job, one process); a no-op elsewhere.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
