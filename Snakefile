@@ -30,6 +30,9 @@ include: "rules/residual_geometry.smk"
 include: "rules/delta_svd.smk"
 include: "rules/embedding_geometry.smk"
 include: "rules/contrastive.smk"
+include: "rules/weight_spectra.smk"
+include: "rules/weight_topology.smk"
+include: "rules/cross_model.smk"
 include: "rules/report.smk"
 
 

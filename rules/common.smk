@@ -20,6 +20,8 @@ config.update(_validated)
 
 wildcard_constraints:
     model="|".join(re.escape(m) for m in config["models"]),
+    model_a="|".join(re.escape(m) for m in config["models"]),
+    model_b="|".join(re.escape(m) for m in config["models"]),
     pset="|".join(re.escape(p) for p in config["prompt_sets"]),
 
 
@@ -68,6 +70,22 @@ def experiment_params(name):
         return lsconfig.experiment_params(config, name)
 
     return params
+
+
+def cka_inputs(wildcards):
+    """The activation caches of both models of a pair on one prompt set."""
+    return {
+        f"{part}_{side}": pattern.format(model=getattr(wildcards, f"model_{side}"), pset=wildcards.pset)
+        for side in ("a", "b")
+        for part, pattern in (("resid", paths.RESID), ("tokens", paths.TOKENS))
+    }
+
+
+def procrustes_inputs(wildcards):
+    return {
+        "model_a": paths.MODEL_DIR.format(model=wildcards.model_a),
+        "model_b": paths.MODEL_DIR.format(model=wildcards.model_b),
+    }
 
 
 def model_report_inputs(wildcards):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerscope.spectra import (
-    covariance_eigenvalues, dims_for_variance, entropy_effective_rank, participation_ratio, singular_values,
+    condition_number, covariance_eigenvalues, dims_for_variance, entropy_effective_rank, participation_ratio, singular_values,
     stable_rank,
 )
 
@@ -62,3 +62,29 @@ def test_input_validation():
         entropy_effective_rank()
     assert entropy_effective_rank(np.zeros(3)) == 0.0
     assert singular_values(torch.eye(3)).tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("shape", [(400, 30), (30, 400), (40, 30)])
+def test_streamed_qr_gives_the_singular_values_of_the_whole_matrix(shape):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal(shape) * np.geomspace(1, 1e-6, shape[1])[None, :]  # condition number ~1e6
+    direct = np.linalg.svd(a, compute_uv=False)
+    a32 = torch.as_tensor(a, dtype=torch.float32)  # float32 weights are converted block by block
+    streamed = singular_values(a32, chunk_rows=64)
+    assert streamed.shape == direct.shape
+    np.testing.assert_allclose(streamed, np.linalg.svd(a32.double().numpy(), compute_uv=False), rtol=1e-9,
+                               atol=1e-12 * direct[0])
+    np.testing.assert_allclose(singular_values(a, chunk_rows=7), direct, rtol=1e-9, atol=1e-12 * direct[0])
+
+
+def test_condition_number_and_rank_r_with_streaming():
+    a = with_spectrum([3.0, 2.0, 0.5], m=500, n=20)
+    s = singular_values(a, chunk_rows=50)
+    assert condition_number(s) > 1e12  # 17 zero singular values, zero up to rounding
+    assert condition_number(np.array([2.0, 1.0, 0.0])) == np.inf
+    full = with_spectrum(np.linspace(4.0, 0.25, 20), m=60, n=20)
+    assert condition_number(singular_values(full, chunk_rows=16)) == pytest.approx(16.0, rel=1e-9)
+    sigma = np.array([3.0, 2.0, 0.5])
+    p = sigma**2 / (sigma**2).sum()
+    assert entropy_effective_rank(s) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-9)
+    assert np.isnan(condition_number(np.zeros(3)))

@@ -106,6 +106,7 @@ class Family:
     kind: str = "decoder"
     extra_embeddings: tuple[str, ...] = ()  # position / token-type embeddings, relative to base
     norm_weight_offset: float = 0.0
+    embed_norm: str | None = None  # a norm applied to the embeddings before block 0 (BERT), relative to base
 
     def projection_refs(self, config, prefix: str) -> list[ProjectionRef]:  # pragma: no cover - per family
         raise NotImplementedError
@@ -231,6 +232,7 @@ FAMILIES: tuple[Family, ...] = (
         {"embed": "", "attn_out": "attention.output.LayerNorm", "mlp_out": "output.LayerNorm"},
         "layernorm", "post", "plain", "learned", kind="encoder",
         extra_embeddings=("embeddings.position_embeddings", "embeddings.token_type_embeddings"),
+        embed_norm="embeddings.LayerNorm",
     ),
 )
 
@@ -328,6 +330,7 @@ class ModelAdapter:
         self.blocks: nn.ModuleList = base.get_submodule(self.family.blocks)
         self.embed: nn.Embedding = base.get_submodule(self.family.embed)
         self.final_norm: nn.Module | None = base.get_submodule(self.family.final_norm) if self.family.final_norm else None
+        self.embed_norm: nn.Module | None = base.get_submodule(self.family.embed_norm) if self.family.embed_norm else None
         self.unembed: nn.Module | None = model.get_output_embeddings() if self.family.kind == "decoder" else None
         n_layers = len(self.blocks)
         if n_layers != config.num_hidden_layers:
@@ -384,6 +387,10 @@ class ModelAdapter:
     def norm_scale(self, norm: nn.Module) -> torch.Tensor:
         """The effective per-dimension scale γ of a norm (Gemma stores γ − 1)."""
         return norm.weight.detach() + self.facts.norm_weight_offset
+
+    def param_name(self, path: str) -> str:
+        """Parameter (or module) name relative to the model root of a path relative to the backbone."""
+        return f"{self._base_prefix}{path}"
 
     def block_prefix(self, i: int) -> str:
         return f"{self._base_prefix}{self.family.blocks}.{i}"

@@ -30,7 +30,8 @@ class ExperimentInfo:
     name: str
     needs: str  # "decoder" or "any": which model kinds it supports
     # "prompts": per (model, prompt set); "weights": per model, from its weights; "inputs": per model,
-    # from inputs the experiment ships itself (e.g. contrastive groups). Only "prompts" has a {pset}.
+    # from inputs the experiment ships itself (e.g. contrastive groups); "pairs": per pair of models
+    # (results/cross_model/). Only "prompts" has a {pset} in its own path.
     data: str
     gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
     description: str
@@ -40,7 +41,7 @@ class ExperimentInfo:
     @property
     def per_model(self) -> bool:
         """Whether runs are per model only (results/{model}/{experiment}/), without a prompt set."""
-        return self.data != "prompts"
+        return self.data in ("weights", "inputs")
 
 
 EXPERIMENTS: dict[str, ExperimentInfo] = {
@@ -58,6 +59,11 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
         ExperimentInfo("embedding_geometry", "any", "weights", False, "geometry of the (un)embedding matrix"),
         ExperimentInfo("contrastive", "decoder", "inputs", True,
                        "trajectories of force-decoded synonym/antonym/style/unrelated completions"),
+        ExperimentInfo("weight_spectra", "any", "weights", False, "singular-value spectra of every weight matrix"),
+        ExperimentInfo("weight_topology", "any", "weights", False,
+                       "sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions"),
+        ExperimentInfo("cross_model", "any", "pairs", False,
+                       "CKA between the layers of two models; Procrustes alignment of their embeddings"),
     ]
 }
 
@@ -121,6 +127,14 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
     problems = []
     models = filled["models"]
     psets = filled["prompt_sets"]
+    for slug in models:
+        if slug in paths.RESERVED_MODEL_SLUGS:
+            problems.append(f"config.models.{slug}: {slug!r} is reserved (a folder of results/); rename the model")
+    weights_only = [name for name, info in EXPERIMENTS.items() if info.per_model]
+    for slug in psets:
+        if slug in weights_only:
+            problems.append(f"config.prompt_sets.{slug}: {slug!r} is the name of a weights-only experiment "
+                            "(results/{model}/" + slug + "/); rename the prompt set")
     for slug, pset in psets.items():
         file = Path(base_dir) / pset["path"]
         try:
@@ -172,6 +186,8 @@ def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
         return []
     info = EXPERIMENTS[name]
     models = experiment_models(config, name)
+    if info.data == "pairs":
+        return pair_runs(config, name)
     if info.per_model:
         runs = [{"model": m} for m in models]
     else:
@@ -182,19 +198,40 @@ def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
     return runs
 
 
+def model_pairs(config: dict, name: str) -> list[tuple[str, str]]:
+    """Every unordered pair of an experiment's models, in config order."""
+    models = experiment_models(config, name)
+    return [(a, b) for i, a in enumerate(models) for b in models[i + 1 :]]
+
+
+def pair_runs(config: dict, name: str) -> list[dict[str, str]]:
+    """Runs of a pairwise experiment: one per (analysis, pair[, prompt set])."""
+    runs = []
+    for analysis, data in paths.CROSS_MODEL_ANALYSES.items():
+        for a, b in model_pairs(config, name):
+            if data == "prompts":
+                runs += [{"analysis": analysis, "model_a": a, "model_b": b, "pset": p}
+                         for p in experiment_prompt_sets(config, name)]
+            else:
+                runs.append({"analysis": analysis, "model_a": a, "model_b": b})
+    return runs
+
+
 def summary_path(name: str, run: dict[str, str]) -> str:
     info = EXPERIMENTS[name]
+    if info.data == "pairs":
+        return paths.cross_model_file(run["analysis"], paths.SUMMARY).format(**run)
     pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.per_model)
     return pattern.format(**run)
 
 
 def model_summaries(config: dict, model: str) -> list[str]:
-    """Every summary.json that belongs to one model's report."""
+    """Every summary.json that belongs to one model's report (pairwise results go to the cross-model page)."""
     return [
         summary_path(name, run)
         for name in enabled_experiments(config)
         for run in experiment_runs(config, name)
-        if run["model"] == model
+        if run.get("model") == model
     ]
 
 

@@ -31,7 +31,7 @@ def headline(summary: dict) -> dict[str, Any]:
     """The summary's top-level scalars and short scalar lists (model / prompt_set excluded)."""
     out = {}
     for key, value in summary.items():
-        if key in ("model", "prompt_set", "experiment"):
+        if key in ("model", "prompt_set", "experiment", "model_a", "model_b"):
             continue
         if _is_scalar(value):
             out[key] = value
@@ -41,10 +41,17 @@ def headline(summary: dict) -> dict[str, Any]:
 
 
 def parse_summary_path(path: str | Path) -> dict[str, str]:
-    """results/{model}/{pset}/{experiment}/summary.json or results/{model}/{experiment}/summary.json."""
+    """results/{model}/{pset}/{experiment}/summary.json or results/{model}/{experiment}/summary.json.
+
+    A pairwise result, results/cross_model/{analysis}/[{pset}/]{model_a}/{model_b}/summary.json,
+    is labelled model "{model_a} vs {model_b}" and experiment "cross_model/{analysis}".
+    """
     parts = Path(path).parts
     i = parts.index("results") if "results" in parts else len(parts) - 5
     rest = parts[i + 1 : -1]
+    if rest and rest[0] == "cross_model" and len(rest) in (4, 5):
+        pset = rest[2] if len(rest) == 5 else ""
+        return {"model": f"{rest[-2]} vs {rest[-1]}", "prompt_set": pset, "experiment": f"cross_model/{rest[1]}"}
     if len(rest) == 3:
         return {"model": rest[0], "prompt_set": rest[1], "experiment": rest[2]}
     if len(rest) == 2:
@@ -156,10 +163,19 @@ def cross_model_report(summary_paths: list[str | Path], out_md: str | Path, out_
     for (experiment, pset), group in table.groupby(["experiment", "prompt_set"], sort=False):
         wide = group.pivot_table(index="metric", columns="model", values="value", aggfunc="first", sort=False)
         wide = wide.reindex(columns=[m for m in models if m in wide.columns])
-        rows = [[metric] + [_fmt(v) if isinstance(v, str) and not v.startswith("[") else str(v)
+        rows = [[metric] + [_fmt(v) if isinstance(v, str) and not v.startswith("[") else
+                            "–" if v is None or (isinstance(v, float) and v != v) else str(v)
                             for v in wide.loc[metric].tolist()] for metric in wide.index]
         title = f"{experiment} — prompt set `{pset}`" if pset else f"{experiment} — weights"
         md += [f"## {title}", "", _md_table(["metric", *wide.columns.tolist()], rows), ""]
+    pair_figures = [(parse_summary_path(p), fig) for p in map(Path, summary_paths)
+                    if parse_summary_path(p)["experiment"].startswith("cross_model/") for fig in _figures(p)]
+    if pair_figures:
+        md += ["## Figures of model pairs", ""]
+        for where, fig in pair_figures:
+            label = f"{where['experiment']} {where['model']}" + (f" ({where['prompt_set']})" if where["prompt_set"] else "")
+            md.append(f"![{label}]({os.path.relpath(fig, Path(out_md).parent)})")
+        md.append("")
     write_text(out_md, "\n".join(md) + "\n")
     return table
 

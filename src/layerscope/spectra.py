@@ -7,6 +7,7 @@ experiments and with the literature:
   on the energy distribution of a matrix, or on eigenvalues λ passed as ``energies``);
 * ``participation_ratio`` — (Σλ)² / Σλ² of eigenvalues λ (for a matrix: λ = σ²);
 * ``stable_rank`` — Σσ² / σ_max² = ‖A‖_F² / ‖A‖_2²;
+* ``condition_number`` — σ_max / σ_min over all min(m, n) singular values (inf when σ_min = 0);
 * ``dims_for_variance`` — the fewest leading eigen-directions that hold a fraction of Σλ;
 * ``gram_eigh`` — eigenvalues and eigenvectors of XᵀX (the squared singular values and the
   right singular vectors of X), in float64: for the tall matrices of the activation cache
@@ -23,10 +24,27 @@ import numpy as np
 import torch
 
 
-def singular_values(matrix: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Singular values in descending order, computed in float64."""
-    m = torch.as_tensor(matrix).detach().to(torch.float64)
-    return torch.linalg.svdvals(m).cpu().numpy()
+def singular_values(matrix: torch.Tensor | np.ndarray, *, chunk_rows: int | None = None) -> np.ndarray:
+    """Singular values in descending order, computed in float64.
+
+    With ``chunk_rows``, a matrix with more than ``chunk_rows`` rows (or columns: the
+    singular values of Aᵀ are those of A) is first reduced to its n × n triangular factor
+    by a streamed QR (R of [R_prev; next row block], in float64), so only one block is
+    ever converted to float64: memory O(chunk_rows · n) instead of O(m · n). The
+    factorisation is orthogonal, so the singular values are those of the whole matrix.
+    """
+    m = torch.as_tensor(matrix).detach()
+    if chunk_rows is not None:
+        if m.shape[0] < m.shape[1]:
+            m = m.T
+        rows, cols = m.shape
+        if rows > max(chunk_rows, 2 * cols):
+            r = torch.zeros((0, cols), dtype=torch.float64, device=m.device)
+            for start in range(0, rows, chunk_rows):
+                block = m[start : start + chunk_rows].to(torch.float64)
+                r = torch.linalg.qr(torch.cat([r, block]), mode="r").R
+            return torch.linalg.svdvals(r).cpu().numpy()
+    return torch.linalg.svdvals(m.to(torch.float64)).cpu().numpy()
 
 
 def _energies(singular: np.ndarray | None, energies: np.ndarray | None) -> np.ndarray:
@@ -57,6 +75,14 @@ def stable_rank(singular: np.ndarray) -> float:
     """Σσ² / σ_max²."""
     s = np.asarray(singular, dtype=float)
     return float((s**2).sum() / s.max() ** 2) if s.size and s.max() > 0 else 0.0
+
+
+def condition_number(singular: np.ndarray) -> float:
+    """σ_max / σ_min over the given singular values (all min(m, n) of them); inf when σ_min = 0."""
+    s = np.asarray(singular, dtype=float)
+    if not s.size or s.max() == 0:
+        return float("nan")
+    return float(s.max() / s.min()) if s.min() > 0 else float("inf")
 
 
 def dims_for_variance(energies: np.ndarray, fractions: Iterable[float] = (0.8, 0.9, 0.95, 0.99)) -> dict[float, int]:

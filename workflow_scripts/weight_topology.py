@@ -1,0 +1,12 @@
+"""weight_topology: sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions."""
+
+from layerscope.runtime import job
+from layerscope.weight_topology import run_weight_topology
+
+with job(snakemake, seed=snakemake.params.topology["seed"]):
+    run_weight_topology(
+        snakemake.input.model,
+        snakemake.output,
+        params=snakemake.params.topology,
+        model=snakemake.wildcards.model,
+    )
