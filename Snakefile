@@ -23,6 +23,9 @@ include: "rules/models.smk"
 include: "rules/completions.smk"
 include: "rules/activations.smk"
 include: "rules/logit_lens.smk"
+include: "rules/knockout.smk"
+include: "rules/swap.smk"
+include: "rules/shuffle.smk"
 include: "rules/report.smk"
 
 

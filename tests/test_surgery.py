@@ -106,7 +106,7 @@ def test_max_prefix_caps_the_cached_start(stories, tmp_path, monkeypatch):
     original = adapter.run_block
     monkeypatch.setattr(adapter, "run_block", lambda i, h, inp: calls.append(i) or original(i, h, inp))
     ev.loss(list(range(5)), max_prefix=2)
-    assert calls == [2, 3, 4] * len(ev.batches)
+    assert calls == [2, 3, 4] * len(ev.groups)
 
 
 def test_bad_block_index(stories, tmp_path):

@@ -38,6 +38,10 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
     info.name: info
     for info in [
         ExperimentInfo("logit_lens", "decoder", "prompts", False, "how predictions form across depth"),
+        ExperimentInfo("knockout", "decoder", "prompts", True,
+                       "loss with each block skipped, pairwise synergy, causal tracing"),
+        ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
+        ExperimentInfo("shuffle", "decoder", "prompts", True, "recovering the order of shuffled blocks"),
     ]
 }
 
