@@ -111,7 +111,8 @@ def run_knockout(model_dir, resid_path, outputs, *, params: dict, model: str, pr
     if params["trace_prompts"] > 0:
         trace = causal_trace(evaluator.adapter, evaluator.cache, n_prompts=params["trace_prompts"],
                              n_positions=params["trace_positions"], noise_scale=params["trace_noise"],
-                             n_samples=params["trace_samples"], seed=params.get("seed", 0), device=evaluator.device)
+                             n_samples=params["trace_samples"], seed=params.get("seed", 0), device=evaluator.device,
+                             layout=params.get("layout", "auto"))
     result = knockout(evaluator, model=model, prompt_set=prompt_set, pairwise_top=params["pairwise_top"],
                       top_synergy=params["top_synergy"], trace=trace)
     write_outputs(result, outputs)

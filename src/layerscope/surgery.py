@@ -112,7 +112,6 @@ class _Group:
     target_order: np.ndarray  # index of each target in the evaluator's per-token output
     n_positions: int  # real token positions computed per block (no padding)
     inputs: BlockInputs | None = None
-    mask_on_device: torch.Tensor | None = None
 
 
 class PrefixMemo:
@@ -189,6 +188,30 @@ def packing_problem(adapter: ModelAdapter, max_length: int) -> str | None:
     if sliding_window_in_use(adapter.config, max_length):
         return f"sliding-window attention (window {adapter.config.sliding_window} < {max_length} tokens)"
     return None
+
+
+def tree_mask(adapter: ModelAdapter, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """The [1, 1, T, T] causal mask of a packed row: token q sees token k when k's original position is
+    not later than q's and k is in the shared prefix (segment 0) or in q's own segment. Boolean
+    (True = attend) for sdpa, additive float for eager attention."""
+    allowed = (positions[None, :] <= positions[:, None]) & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
+    if adapter.config._attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=adapter.dtype)
+        mask.masked_fill_(~allowed, torch.finfo(adapter.dtype).min)
+    else:
+        mask = allowed
+    return mask[None, None]
+
+
+def capture_packed(adapter: ModelAdapter, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                   device: torch.device) -> tuple[BlockInputs | None, str | None]:
+    """Block inputs of one packed row, or (None, why) if some block is not handed the mask unchanged."""
+    mask = mask.to(device)
+    inputs = adapter.capture_block_inputs(ids.to(device), mask, position_ids=positions.to(device))
+    for i in range(adapter.n_layers):
+        if not any(c is mask for c in list(inputs.args[i]) + list(inputs.kwargs[i].values())):
+            return None, f"block {i} is not handed the prepared 4-D mask"
+    return inputs, None
 
 
 class LossEvaluator:
@@ -311,36 +334,24 @@ class LossEvaluator:
                 tid += p.target_ids
                 order += p.target_order
             pos = torch.tensor(positions)
-            seg = torch.tensor(segment)
-            allowed = (pos[None, :] <= pos[:, None]) & ((seg[None, :] == 0) | (seg[None, :] == seg[:, None]))
-            if self.adapter.config._attn_implementation == "eager":
-                mask = torch.zeros(allowed.shape, dtype=self.adapter.dtype)
-                mask.masked_fill_(~allowed, torch.finfo(self.adapter.dtype).min)
-            else:
-                mask = allowed
-            groups.append(_Group([p.prompt_id for p in chunk], torch.tensor([ids]), mask[None, None], pos[None],
+            mask = tree_mask(self.adapter, pos, torch.tensor(segment))
+            groups.append(_Group([p.prompt_id for p in chunk], torch.tensor([ids]), mask, pos[None],
                                  pieces, torch.zeros(len(tt), dtype=torch.long), torch.tensor(tt), torch.tensor(tid),
                                  np.asarray(order), len(ids)))
         return groups
 
     def _check_packing(self, group: _Group) -> str | None:
         """The model must hand every block our tree mask unchanged (else packing would be wrong)."""
-        inputs = self._inputs(group)
-        mask = group.mask_on_device
-        for i in range(self.n_layers):
-            candidates = list(inputs.args[i]) + list(inputs.kwargs[i].values())
-            if not any(c is mask for c in candidates):
-                group.inputs = None
-                return f"block {i} is not handed the prepared 4-D mask"
-        return None
+        inputs, problem = capture_packed(self.adapter, group.ids, group.mask, group.position_ids[0], self.device)
+        group.inputs = inputs
+        return problem
 
     # ------------------------------------------------------------------ internals
 
     def _inputs(self, group: _Group) -> BlockInputs:
         if group.inputs is None:
-            group.mask_on_device = group.mask.to(self.device)
             position_ids = group.position_ids.to(self.device) if group.position_ids is not None else None
-            group.inputs = self.adapter.capture_block_inputs(group.ids.to(self.device), group.mask_on_device,
+            group.inputs = self.adapter.capture_block_inputs(group.ids.to(self.device), group.mask.to(self.device),
                                                              position_ids=position_ids)
         return group.inputs
 

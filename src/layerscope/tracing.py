@@ -108,47 +108,86 @@ def resid0_std(cache: ActivationCache) -> float:
 @torch.no_grad()
 def restored_probabilities(adapter: ModelAdapter, cache: ActivationCache, prompt: TracePrompt,
                            restore_sets: Sequence[Sequence[int]], noise: torch.Tensor,
-                           device: torch.device | str = "cpu") -> tuple[float, float, np.ndarray]:
+                           device: torch.device | str = "cpu", layout: str = "auto") -> tuple[float, float, np.ndarray]:
     """(p_clean, p_corrupt, P) for one prompt; P[l, k] = probability of the answer at t0 with the
     clean resid.l restored at the positions ``restore_sets[k]`` (mean over noise samples).
 
-    ``noise`` is [samples, T, d]: what is added to resid.0 (zero outside the noised positions).
+    ``noise`` is [samples, T, d]: what is added to resid.0. The tokens before the first noised
+    one are identical in every run; with ``layout`` ``auto`` (where the architecture allows
+    packing, see :func:`layerscope.surgery.packing_problem`) they are computed once and every
+    (sample, restoration) run follows them in one packed row under a tree-shaped mask;
+    ``padded`` runs each as a full row of a batch.
     """
+    from .surgery import capture_packed, packing_problem, tree_mask
+
     device = torch.device(device)
     dtype = adapter.dtype
     n_layers, T = adapter.n_layers, len(prompt.ids)
-    t0, answer = T - 1, prompt.answer_id
+    answer = prompt.answer_id
     samples, n_sets = noise.shape[0], len(restore_sets)
-    ids = torch.tensor([prompt.ids], device=device)
-
-    def inputs_for(rows: int):
-        return adapter.capture_block_inputs(ids.expand(rows, T), torch.ones((rows, T), dtype=torch.long, device=device))
+    noise = noise.to(device=device, dtype=dtype)
 
     def prob(hidden_t0: torch.Tensor) -> torch.Tensor:
         return torch.softmax(adapter.readout(hidden_t0).float(), dim=-1)[:, answer].double()
 
     clean = [cache.resid(layer, slice(prompt.row0, prompt.row0 + T), dtype=dtype).to(device)
              for layer in range(n_layers + 1)]
-    p_clean = float(prob(clean[n_layers][t0][None])[0])
-    small, wide = inputs_for(samples), inputs_for(samples * n_sets)
-    corrupted = small.resid0 + noise.to(device=device, dtype=dtype)
+    p_clean = float(prob(clean[n_layers][T - 1][None])[0])
+    noised = torch.nonzero(noise.abs().sum(dim=(0, 2)) > 0).flatten()
+    shared = min(int(noised[0]) if len(noised) else T - 1, T - 1)  # untouched leading tokens
     out = np.zeros((n_layers + 1, n_sets))
+
+    if layout != "padded" and packing_problem(adapter, T) is None:
+        width = T - shared
+
+        def packed(n_segments: int):
+            positions = list(range(shared)) + list(range(shared, T)) * n_segments
+            segments = [0] * shared + [k + 1 for k in range(n_segments) for _ in range(width)]
+            ids = torch.tensor([prompt.ids[:shared] + prompt.ids[shared:] * n_segments])
+            pos = torch.tensor(positions)
+            return capture_packed(adapter, ids, tree_mask(adapter, pos, torch.tensor(segments)), pos[None], device)
+
+        (small, problem), (wide, problem_wide) = packed(samples), packed(samples * n_sets)
+        if problem is None and problem_wide is None:
+            ends = shared + width * torch.arange(samples * n_sets, device=device) + width - 1  # t0 of each segment
+            corrupted = small.resid0.clone()
+            corrupted[0, shared:] += noise[:, shared:].reshape(samples * width, -1)
+            for layer in range(n_layers + 1):
+                tails = corrupted[0, shared:].view(samples, width, -1).repeat_interleave(n_sets, dim=0).clone()
+                for k, positions in enumerate(restore_sets):  # positions before `shared` are clean already
+                    index = torch.as_tensor([t for t in positions if t >= shared], dtype=torch.long, device=device)
+                    tails[k::n_sets, index - shared] = clean[layer][index]
+                state = torch.cat([corrupted[:, :shared], tails.reshape(1, samples * n_sets * width, -1)], dim=1)
+                hidden = adapter.run_blocks(state, range(layer, n_layers), wide)
+                out[layer] = prob(hidden[0, ends]).view(samples, n_sets).mean(0).cpu().numpy()
+                if layer < n_layers:
+                    corrupted = adapter.run_block(layer, corrupted, small)
+            ends = shared + width * torch.arange(samples, device=device) + width - 1
+            return p_clean, float(prob(corrupted[0, ends]).mean()), out
+        log.info("tracing in padded rows: %s", problem or problem_wide)
+
+    ids = torch.tensor([prompt.ids], device=device)
+
+    def inputs_for(rows: int):
+        return adapter.capture_block_inputs(ids.expand(rows, T), torch.ones((rows, T), dtype=torch.long, device=device))
+
+    small, wide = inputs_for(samples), inputs_for(samples * n_sets)
+    corrupted = small.resid0 + noise
     for layer in range(n_layers + 1):
         restored = corrupted.repeat_interleave(n_sets, dim=0).clone()  # rows: (sample, set)
         for k, positions in enumerate(restore_sets):
             index = torch.as_tensor(list(positions), dtype=torch.long, device=device)
             restored[k::n_sets, index] = clean[layer][index]
         hidden = adapter.run_blocks(restored, range(layer, n_layers), wide)
-        out[layer] = prob(hidden[:, t0]).view(samples, n_sets).mean(0).cpu().numpy()
+        out[layer] = prob(hidden[:, T - 1]).view(samples, n_sets).mean(0).cpu().numpy()
         if layer < n_layers:
             corrupted = adapter.run_block(layer, corrupted, small)
-    p_corrupt = float(prob(corrupted[:, t0]).mean())
-    return p_clean, p_corrupt, out
+    return p_clean, float(prob(corrupted[:, T - 1]).mean()), out
 
 
 def causal_trace(adapter: ModelAdapter, cache: ActivationCache, *, n_prompts: int = 2, n_positions: int = 8,
                  noise_scale: float = 3.0, n_samples: int = 1, seed: int = 0,
-                 device: torch.device | str = "cpu") -> TraceResult:
+                 device: torch.device | str = "cpu", layout: str = "auto") -> TraceResult:
     """The heatmap over layers 0 … L and offsets -(n_positions-1) … 0 (see module docstring)."""
     if n_positions < 1 or n_samples < 1 or noise_scale < 0:
         raise LayerscopeError("causal tracing needs n_positions ≥ 1, n_samples ≥ 1 and noise_scale ≥ 0")
@@ -167,7 +206,7 @@ def causal_trace(adapter: ModelAdapter, cache: ActivationCache, *, n_prompts: in
         noise *= sigma
         kept = [(k, T - 1 + o) for k, o in enumerate(offsets) if T - 1 + o >= 0]
         p_clean, p_corrupt, probs = restored_probabilities(
-            adapter, cache, prompt, [[pos] for _, pos in kept], noise, device)
+            adapter, cache, prompt, [[pos] for _, pos in kept], noise, device, layout)
         for column, (k, pos) in enumerate(kept):
             grid[p_index, :, k] = probs[:, column]
             for layer in range(n_layers + 1):
