@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,9 +64,7 @@ def knockout_sweep(evaluator: LossEvaluator, *, pairwise_top: int = 6, top_syner
 
 def knockout(evaluator: LossEvaluator, *, model: str, prompt_set: str, pairwise_top: int = 6, top_synergy: int = 5,
              trace: TraceResult | None = None) -> KnockoutResult:
-    started = time.perf_counter()
     sweep = knockout_sweep(evaluator, pairwise_top=pairwise_top, top_synergy=top_synergy)
-    seconds = time.perf_counter() - started
     baseline, single, delta = sweep["baseline"], sweep["single"], sweep["delta"]
     ratio = single / baseline
     n = evaluator.n_layers
@@ -98,7 +95,6 @@ def knockout(evaluator: LossEvaluator, *, model: str, prompt_set: str, pairwise_
             {"pair": [int(r.layer_i), int(r.layer_j)], "loss": float(r.loss), "ratio": float(r.ratio),
              "delta": float(r.delta), "synergy": float(r.synergy)} for r in ranked.itertuples()
         ],
-        "sweep_seconds": float(seconds),
     }
     if trace is not None:
         summary.update(trace.summary())

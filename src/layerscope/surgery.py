@@ -205,7 +205,10 @@ def tree_mask(adapter: ModelAdapter, positions: torch.Tensor, segments: torch.Te
 
 def capture_packed(adapter: ModelAdapter, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                    device: torch.device) -> tuple[BlockInputs | None, str | None]:
-    """Block inputs of one packed row, or (None, why) if some block is not handed the mask unchanged."""
+    """Block inputs of one packed row (``positions`` [1, T]), or (None, why) if some block is not handed
+    the mask unchanged."""
+    if positions.dim() != 2 or positions.shape[0] != 1:
+        raise ValueError(f"packed positions must be [1, T], got {list(positions.shape)}")
     mask = mask.to(device)
     inputs = adapter.capture_block_inputs(ids.to(device), mask, position_ids=positions.to(device))
     for i in range(adapter.n_layers):
@@ -342,7 +345,7 @@ class LossEvaluator:
 
     def _check_packing(self, group: _Group) -> str | None:
         """The model must hand every block our tree mask unchanged (else packing would be wrong)."""
-        inputs, problem = capture_packed(self.adapter, group.ids, group.mask, group.position_ids[0], self.device)
+        inputs, problem = capture_packed(self.adapter, group.ids, group.mask, group.position_ids, self.device)
         group.inputs = inputs
         return problem
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,9 +90,7 @@ def swap_experiment(evaluator: LossEvaluator, *, model: str, prompt_set: str, in
     n = evaluator.n_layers
     if n < 2:
         raise LayerscopeError("swap needs a model with at least 2 blocks")
-    started = time.perf_counter()
     baseline, loss, ratio = swap_matrix(evaluator)
-    seconds = time.perf_counter() - started
     zone_of_layer = zones(ratio, n_zones)
     off = ~np.eye(n, dtype=bool)
     sensitivity = np.array([ratio[i, off[i]].mean() for i in range(n)])
@@ -136,7 +133,6 @@ def swap_experiment(evaluator: LossEvaluator, *, model: str, prompt_set: str, in
         "adjacent_mean_ratio": float(adjacent.mean()),
         "mean_ratio": float(pairs["ratio"].mean()),
         "median_ratio": float(pairs["ratio"].median()),
-        "sweep_seconds": float(seconds),
     }
     return SwapResult(metrics, pairs, ratio, zone_of_layer, summary)
 
