@@ -141,7 +141,8 @@ def plot_synergy(result: KnockoutResult, path: str | Path) -> None:
             fig.colorbar(image, ax=ax, label="synergy Δ(i,j) − Δ(i) − Δ(j) (nats)")
             for (a, b), value in np.ndenumerate(matrix):
                 if np.isfinite(value):
-                    ax.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=7)
+                    ax.text(b, a, f"{value:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(value) > 0.6 * bound else "black")
         ax.set_xticks(range(k), [str(x) for x in layers])
         ax.set_yticks(range(k), [str(x) for x in layers])
         ax.set_xlabel("block j")

@@ -4,9 +4,10 @@ For every pair i < j, the completion-token loss of the model with blocks i and j
 (:func:`layerscope.surgery.swap`), as a ratio to the baseline. Derived:
 
 * **interchangeable pairs** — ratio below ``interchangeable_ratio``;
-* **zones** — average-linkage hierarchical clustering (``scipy.cluster.hierarchy``) of the
-  blocks with the swap cost as distance, d(i, j) = max(0, ln ratio(i, j)) (a swap that
-  lowers the loss counts as free), cut into ``n_zones`` clusters, numbered by depth;
+* **zones** — hierarchical clustering (``scipy.cluster.hierarchy``, average linkage,
+  Euclidean distance) of the blocks' swap-cost profiles — block i's row of ln ratio(i, j)
+  over all j, its cost of trading places with every block — cut into ``n_zones`` clusters
+  and numbered by mean depth (blocks in one zone are hurt alike by the same moves);
 * **position sensitivity** of block i — the mean ratio over its partners j ≠ i;
 * **adjacent mean ratio** — the mean ratio of the swaps (i, i+1).
 
@@ -52,18 +53,19 @@ def swap_matrix(evaluator: LossEvaluator) -> tuple[float, np.ndarray, np.ndarray
 
 
 def zones(ratio: np.ndarray, n_zones: int) -> np.ndarray:
-    """Zone of each block: hierarchical clustering of d = max(0, ln ratio), numbered by mean depth."""
+    """Zone of each block, numbered by mean depth: average-linkage clustering (Euclidean) of the
+    blocks' swap-cost profiles, the rows of ln ratio (a block's cost of trading places with every block)."""
     from scipy.cluster.hierarchy import fcluster, linkage
-    from scipy.spatial.distance import squareform
+    from scipy.spatial.distance import pdist
 
     n = len(ratio)
     k = max(1, min(int(n_zones), n))
     if n < 2 or k == 1:
         return np.zeros(n, dtype=int)
-    distance = np.maximum(np.log(ratio), 0.0)
-    distance = (distance + distance.T) / 2
-    np.fill_diagonal(distance, 0.0)
-    labels = fcluster(linkage(squareform(distance, checks=False), method="average"), k, criterion="maxclust")
+    profiles = np.log(np.maximum(ratio, 1e-300))
+    profiles = (profiles + profiles.T) / 2
+    np.fill_diagonal(profiles, 0.0)
+    labels = fcluster(linkage(pdist(profiles, metric="euclidean"), method="average"), k, criterion="maxclust")
     order = sorted(set(labels), key=lambda z: (np.mean(np.flatnonzero(labels == z)), z))
     renumber = {z: rank for rank, z in enumerate(order)}
     return np.array([renumber[z] for z in labels])
