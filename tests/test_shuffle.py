@@ -124,3 +124,27 @@ def test_shuffle_summary_and_outputs(story_evaluator, tmp_path):
     write_outputs(result, outputs)
     assert all(p.is_file() for p in outputs.values())
     assert json.loads(outputs["summary"].read_text())["best_method"] == s["best_method"]
+
+
+def test_surgery_config_blocks_fill_defaults_and_reject_bad_values():
+    from conftest import REPO
+    from layerscope import config as lsconfig
+
+    def check(experiments):
+        cfg = {"models": {"m1": {"source": {"type": "local", "path": "/x"}}},
+               "prompt_sets": {"core": {"path": "resources/prompt_sets/core.json"}}, "experiments": experiments}
+        return lsconfig.validate_config(cfg, REPO / lsconfig.SCHEMA_FILE, base_dir=REPO)
+
+    cfg = check({"knockout": {}, "swap": {}, "shuffle": {}})
+    assert lsconfig.experiment_params(cfg, "shuffle")["methods"] == list(METHODS)
+    assert lsconfig.experiment_params(cfg, "swap")["n_zones"] == 3
+    knock = lsconfig.experiment_params(cfg, "knockout")
+    assert knock["max_prompts"] == 4 and knock["trace_noise"] == 3.0 and knock["seed"] == 0
+    assert {i.name for i in lsconfig.EXPERIMENTS.values() if i.gpu} >= {"knockout", "swap", "shuffle"}
+    for bad, where in [({"shuffle": {"methods": ["sorting_hat"]}}, "config.experiments.shuffle.methods"),
+                       ({"swap": {"n_zones": 0}}, "config.experiments.swap.n_zones"),
+                       ({"knockout": {"max_prompts": 0}}, "config.experiments.knockout.max_prompts"),
+                       ({"knockout": {"layout": "tree"}}, "config.experiments.knockout.layout"),
+                       ({"swap": {"interchangable_ratio": 1.1}}, "interchangable_ratio")]:
+        with pytest.raises(lsconfig.ConfigError, match=where):
+            check(bad)

@@ -530,8 +530,10 @@ def plot_methods(result: ShuffleResult, path: str | Path) -> None:
                 ax.set_yscale("log")
         axes[0, 1].axhline(0.0, color="0.3", linewidth=0.8)
         s = result.summary
-        fig.suptitle(f"shuffle recovery — {s['model']}, {s['n_layers']} blocks, seed {s['permutation_seed']} "
-                     "(grey: shuffled input; blue: weights only; orange: loss refiners; green: pipeline)")
+        fig.suptitle(f"shuffle recovery — {s['model']}, {s['n_layers']} blocks, permutation seed "
+                     f"{s['permutation_seed']}, loss on {s['n_tokens']} completion tokens\n"
+                     "grey: shuffled input; blue: weights only; orange: loss refiners from the shuffled start; "
+                     "green: pipeline")
         save(fig, path)
 
 
