@@ -33,6 +33,9 @@ include: "rules/contrastive.smk"
 include: "rules/weight_spectra.smk"
 include: "rules/weight_topology.smk"
 include: "rules/cross_model.smk"
+include: "rules/knockout.smk"
+include: "rules/swap.smk"
+include: "rules/shuffle.smk"
 include: "rules/report.smk"
 
 

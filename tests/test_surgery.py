@@ -106,7 +106,7 @@ def test_max_prefix_caps_the_cached_start(stories, tmp_path, monkeypatch):
     original = adapter.run_block
     monkeypatch.setattr(adapter, "run_block", lambda i, h, inp: calls.append(i) or original(i, h, inp))
     ev.loss(list(range(5)), max_prefix=2)
-    assert calls == [2, 3, 4] * len(ev.batches)
+    assert calls == [2, 3, 4] * len(ev.groups)
 
 
 def test_bad_block_index(stories, tmp_path):
@@ -122,3 +122,108 @@ def test_max_prompts_restricts_the_evaluation(stories, tmp_path):
     ev = LossEvaluator(adapter, cache, max_prompts=2)
     assert ev.n_targets == sum(r == "completion" for s in seqs[:2] for r in s.roles)
     assert ev.baseline() == pytest.approx(_reference_loss(adapter, seqs[:2], list(range(5))), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- layouts, prefix sharing, memo
+
+
+def _shared_prefix_cache(adapter, tok, folder, n=5, shared=7, seed=4):
+    """Prompts that share their first ``shared`` tokens (like a system message), completions differ."""
+    g = torch.Generator().manual_seed(seed)
+    head = [1] + torch.randint(3, adapter.facts.vocab_size, (shared - 1,), generator=g).tolist()
+    seqs = []
+    for i in range(n):
+        tail = torch.randint(3, adapter.facts.vocab_size, (6 + 3 * i,), generator=g).tolist()
+        ids = head + tail
+        roles = ["template"] + ["system"] * (shared - 1) + ["prompt"] * 3 + ["completion"] * (len(tail) - 3)
+        seqs.append(TokenSequence(f"p{i}", "c", ids, roles))
+    # one prompt whose completion starts inside the shared head's continuation
+    extract_activations(adapter, tok, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=2)
+    return ActivationCache(folder), seqs
+
+
+class _Reference(LossEvaluator):
+    """Every sequence from the embeddings, alone, in padded batches: the plain computation."""
+
+    def __init__(self, adapter, cache, **kwargs):
+        super().__init__(adapter, cache, layout="padded", **kwargs)
+
+    def losses(self, sequences, **kwargs):
+        return super().losses(sequences, **{**kwargs, "use_cache": False, "share_prefixes": False, "memo": None})
+
+
+@pytest.mark.parametrize("family", ["stories", "llama", "qwen3", "gpt2", "gpt_neox", "phi3", "gemma", "mistral"])
+def test_packed_prompts_with_a_shared_prefix_equal_the_reference(family, stories_dir, tiny_dirs, tmp_path):
+    folder = stories_dir if family == "stories" else tiny_dirs[family]
+    adapter, tok = load_model(folder), load_tokenizer(folder)
+    cache, seqs = _shared_prefix_cache(adapter, tok, tmp_path)
+    L = adapter.n_layers
+    engine = LossEvaluator(adapter, cache, batch_size=3)
+    expected = "padded" if family == "mistral" else "packed"  # mistral's sliding window (8) < prompt length
+    assert engine.layout == expected
+    if expected == "packed":
+        # the shared head is stored once per group: fewer positions than the prompts' own lengths
+        assert engine.positions_per_block < sum(len(p.ids) for p in engine.prompts)
+        assert engine.groups[0].ids.shape[0] == 1
+    rng = np.random.default_rng(1)
+    variants = [list(range(L)), skip(L, 0), skip(L, L - 1), swap(L, 0, L - 1), list(rng.permutation(L)),
+                [0, 0] + list(range(1, L)), skip(L, 0, L - 1)]
+    reference = _Reference(adapter, cache, batch_size=2)
+    np.testing.assert_allclose(engine.losses(variants), reference.losses(variants), rtol=1e-5, atol=1e-6)
+    per_token = engine.losses(variants[:2], per_token=True)
+    np.testing.assert_allclose(per_token, reference.losses(variants[:2], per_token=True), rtol=1e-4, atol=1e-5)
+    for variant in variants[:4]:
+        assert engine.loss(variant) == pytest.approx(_reference_loss(adapter, seqs, variant), rel=1e-5, abs=1e-6)
+
+
+def test_packing_refused_where_it_would_be_wrong(tiny_dirs, tmp_path):
+    from layerscope import LayerscopeError
+
+    adapter, tok = load_model(tiny_dirs["gemma2"]), load_tokenizer(tiny_dirs["gemma2"])
+    cache, _ = _shared_prefix_cache(adapter, tok, tmp_path)
+    assert LossEvaluator(adapter, cache).layout == "padded"  # sliding window 4 < prompt length
+    with pytest.raises(LayerscopeError, match="sliding-window"):
+        LossEvaluator(adapter, cache, layout="packed")
+    with pytest.raises(LayerscopeError, match="unknown layout"):
+        LossEvaluator(adapter, cache, layout="tree")
+
+
+def test_prefix_sharing_computes_each_prefix_once(stories, tmp_path, monkeypatch):
+    adapter, tok = stories
+    cache, _ = _cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache, batch_size=8)
+    assert len(ev.groups) == 1
+    sequences = [skip(5, 0), skip(5, 0, 4), skip(5, 0, 3), skip(5, 0, 2), [1, 2, 2, 3], [1, 2, 2, 4]]
+    shared = ev.losses(sequences)
+    calls = []
+    original = adapter.run_block
+    monkeypatch.setattr(adapter, "run_block", lambda i, h, inp: calls.append(i) or original(i, h, inp))
+    alone = ev.losses(sequences, share_prefixes=False)
+    n_alone = len(calls)
+    calls.clear()
+    assert ev.losses(sequences) == shared
+    # the trie's nodes, each computed once: [1] [1,2] [1,2,3] [1,2,3,4] [1,2,4] [1,3] [1,3,4] [1,2,2] [1,2,2,3] [1,2,2,4]
+    assert len(calls) == 10 and n_alone == 4 + 3 + 3 + 3 + 4 + 4
+    np.testing.assert_allclose(shared, alone, rtol=1e-6)
+
+
+def test_memo_keeps_prefix_states_across_calls(stories, tmp_path, monkeypatch):
+    from layerscope.surgery import PrefixMemo, move
+
+    adapter, tok = stories
+    cache, _ = _cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache, batch_size=8)
+    order = [3, 1, 0, 4, 2]
+    memo = PrefixMemo(capacity=2)
+    memo.pin(order)
+    first = ev.loss(order, use_cache=False, memo=memo)
+    calls = []
+    original = adapter.run_block
+    monkeypatch.setattr(adapter, "run_block", lambda i, h, inp: calls.append(i) or original(i, h, inp))
+    for p in range(4):  # adjacent swaps: each starts from the pinned order's prefix of length p
+        candidate = move(order, p, p + 1)
+        value = ev.loss(candidate, use_cache=False, memo=memo)
+        assert value == pytest.approx(ev.loss(candidate, use_cache=False, share_prefixes=False), rel=1e-6)
+    assert ev.loss(order, use_cache=False, memo=memo) == first  # fully memoised: no block runs
+    assert len(calls) == sum(5 - p for p in range(4)) + 4 * 5  # memoised candidates + the plain re-runs
+    assert len(memo) <= 5 + 2  # pinned prefixes + capacity

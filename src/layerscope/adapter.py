@@ -420,11 +420,14 @@ class ModelAdapter:
     # ------------------------------------------------------------------ block runner
 
     @torch.no_grad()
-    def capture_block_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> BlockInputs:
+    def capture_block_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             position_ids: torch.Tensor | None = None) -> BlockInputs:
         """Run the model up to its first block and record what each block would be handed.
 
         No block is executed: each block's forward is swapped for a recorder that passes the
-        residual through unchanged, and the pass stops after the last block.
+        residual through unchanged, and the pass stops after the last block. ``attention_mask``
+        is the usual 2-D padding mask or a prepared 4-D mask (passed through as-is, with
+        explicit ``position_ids``: packed sequences).
         """
         captured = BlockInputs(resid0=torch.empty(0))
         n = self.n_layers
@@ -448,7 +451,8 @@ class ModelAdapter:
         for i, block in enumerate(self.blocks):
             block.forward = recorder(i)
         try:
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
         except _StopForward:
             pass
         finally:

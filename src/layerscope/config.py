@@ -64,6 +64,10 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
                        "sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions"),
         ExperimentInfo("cross_model", "any", "pairs", False,
                        "CKA between the layers of two models; Procrustes alignment of their embeddings"),
+        ExperimentInfo("knockout", "decoder", "prompts", True,
+                       "loss with each block skipped, pairwise synergy, causal tracing"),
+        ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
+        ExperimentInfo("shuffle", "decoder", "prompts", True, "recovering the order of shuffled blocks"),
     ]
 }
 
