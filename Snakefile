@@ -23,6 +23,7 @@ include: "rules/models.smk"
 include: "rules/completions.smk"
 include: "rules/activations.smk"
 include: "rules/logit_lens.smk"
+include: "rules/z_subspace.smk"
 include: "rules/report.smk"
 
 

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import jsonschema
 
 from . import LayerscopeError, paths
-from .prompts import PromptSetError, load_prompt_set
+from .prompts import PromptSetError, load_prompt_set, zh_en_pairs
 
 SCHEMA_FILE = "resources/config.schema.json"
 
@@ -32,12 +32,31 @@ class ExperimentInfo:
     data: str  # "prompts": per (model, prompt set); "weights": per model
     gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
     description: str
+    section: str = ""  # report section grouping a family of experiments ("" = its own name)
+    paired: bool = False  # reads zh/en paired prompt sets only (checked at start-up)
+
+    @property
+    def report_section(self) -> str:
+        return self.section or self.name
 
 
 EXPERIMENTS: dict[str, ExperimentInfo] = {
     info.name: info
     for info in [
         ExperimentInfo("logit_lens", "decoder", "prompts", False, "how predictions form across depth"),
+        # DESIGN.md experiment 13, the z_subspace suite: one weights-only mask, five analyses of paired prompts
+        ExperimentInfo("z_mask", "decoder", "weights", False, "QK-circuit subspace Z per layer and k",
+                       section="z_subspace"),
+        ExperimentInfo("z_separation", "decoder", "prompts", False, "zh/en separation and energy in Z, Z⊥, random",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("update_decomposition", "decoder", "prompts", False, "block updates split into Z and Z⊥",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("z_patching", "decoder", "prompts", True, "en←zh subspace patching during generation",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("ard_mmd", "decoder", "prompts", True, "ARD-RBF MMD lengthscales of zh vs en token clouds",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("bridge", "decoder", "prompts", False, "linear map from en to zh coordinates in Z",
+                       section="z_subspace", paired=True),
     ]
 }
 
@@ -121,6 +140,17 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
                 problems.append(
                     f"config.experiments.{name}.prompt_sets: unknown prompt set {pset!r}; configured: {sorted(psets)}"
                 )
+        if info.paired and exp.get("enabled", True):
+            for pset in exp.get("prompt_sets") or list(psets):
+                if pset not in psets:
+                    continue
+                try:
+                    zh_en_pairs(load_prompt_set(Path(base_dir) / psets[pset]["path"], limit=psets[pset].get("limit")))
+                except PromptSetError as exc:
+                    problems.append(
+                        f"config.experiments.{name}.prompt_sets: {name} needs zh/en paired prompts, but prompt set "
+                        f"{pset!r} is not one ({exc}); list only paired prompt sets under `prompt_sets`"
+                    )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return filled
