@@ -168,7 +168,7 @@ rule ard_mmd:
         paths.log("ard_mmd", "{model}", "{pset}"),
     benchmark:
         paths.benchmark("ard_mmd", "{model}", "{pset}")
-    threads: 2
+    threads: 1
     resources:
         gpu=1,
         mem_mb=GPU_MEM_MB,

@@ -102,6 +102,30 @@ class PaddedClouds:
         return cls(x.to(device), y.to(device), mx.to(device), my.to(device))
 
 
+class BucketedClouds:
+    """Pairs grouped by cloud size into padded buckets, so padding costs little; MMD² in the original pair order."""
+
+    def __init__(self, clouds: Sequence[tuple[torch.Tensor, torch.Tensor]], *, bucket: int = 8, device=None,
+                 dtype=torch.float32):
+        order = sorted(range(len(clouds)), key=lambda i: (clouds[i][0].shape[0] + clouds[i][1].shape[0], i))
+        self.groups = [order[i : i + bucket] for i in range(0, len(order), bucket)]
+        self.buckets = [PaddedClouds.build([clouds[i] for i in g], device=device, dtype=dtype) for g in self.groups]
+        self.inverse = torch.argsort(torch.tensor([i for g in self.groups for i in g]))
+        self.n_pairs = len(clouds)
+
+    def mmd2(self, lengthscales: torch.Tensor) -> torch.Tensor:
+        values = torch.cat([batched_mmd2(b, lengthscales) for b in self.buckets])
+        return values[self.inverse.to(values.device)]
+
+    def cross_sq_dists(self, lengthscales: torch.Tensor) -> torch.Tensor:
+        """Every zh/en token distance² of every pair (padding dropped), for the median heuristic."""
+        out = []
+        for b in self.buckets:
+            d2 = ard_sq_dists(b.x / lengthscales, b.y / lengthscales)
+            out.append(d2[(b.mx[:, :, None] * b.my[:, None, :]) > 0])
+        return torch.cat(out)
+
+
 def batched_mmd2(clouds: PaddedClouds, lengthscales: torch.Tensor) -> torch.Tensor:
     """Unbiased MMD² of every pair [N] (equal to :func:`mmd2_unbiased` pair by pair)."""
     xs, ys = clouds.x / lengthscales, clouds.y / lengthscales
@@ -133,25 +157,22 @@ class ArdRun:
     relative_change: float
 
 
-def median_scale(clouds: PaddedClouds, init_ratio: torch.Tensor) -> float:
+def median_scale(clouds: BucketedClouds, init_ratio: torch.Tensor) -> float:
     """s such that the median zh/en token distance under lengthscales s·exp(init_ratio) is 1."""
     with torch.no_grad():
-        xs, ys = clouds.x / init_ratio.exp(), clouds.y / init_ratio.exp()
-        d2 = ard_sq_dists(xs, ys)
-        valid = (clouds.mx[:, :, None] * clouds.my[:, None, :]) > 0
-        med = float(d2[valid].median())
+        med = float(clouds.cross_sq_dists(init_ratio.exp()).median())
     return math.sqrt(med) if med > 0 else 1.0
 
 
-def optimise(clouds: PaddedClouds, init_ratio: torch.Tensor, scale: float, lam: float, *, steps: int, lr: float,
+def optimise(clouds: BucketedClouds, init_ratio: torch.Tensor, scale: float, lam: float, *, steps: int, lr: float,
              tol: float) -> ArdRun:
     """Adam on θ = log(ℓ/s) for one λ (see module docstring)."""
-    theta = init_ratio.clone().to(clouds.x.device).requires_grad_(True)
+    theta = init_ratio.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     objective, mmd_trace, penalty_trace = [], [], []
     for _ in range(steps):
         opt.zero_grad()
-        mmd = batched_mmd2(clouds, scale * theta.exp()).mean()
+        mmd = clouds.mmd2(scale * theta.exp()).mean()
         penalty = torch.exp(-theta).mean()
         loss = -mmd + lam * penalty
         loss.backward()
@@ -160,7 +181,7 @@ def optimise(clouds: PaddedClouds, init_ratio: torch.Tensor, scale: float, lam: 
         mmd_trace.append(float(mmd.detach()))
         penalty_trace.append(float(penalty.detach()))
     with torch.no_grad():
-        mmd = batched_mmd2(clouds, scale * theta.exp()).mean()
+        mmd = clouds.mmd2(scale * theta.exp()).mean()
         penalty = torch.exp(-theta).mean()
         final = float(-mmd + lam * penalty)
     objective.append(final)
@@ -230,20 +251,23 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
     log_off = math.log(off_ratio)
     records, ls_rows, traj_rows, runs, combos = [], [], [], {}, []
     for layer in mask.layers:
-        clouds = PaddedClouds.build(standardise(states.clouds(layer)), device=device)
+        clouds = BucketedClouds(standardise(states.clouds(layer)), device=device)
         energies = {k: energy_per_dimension(mask.basis(layer, k)).numpy() for k in mask.ks}
         init = warm_start(torch.from_numpy(energies[k_warm]), epsilon).to(torch.float32).to(device)
         scale = median_scale(clouds, init)
         with torch.no_grad():
-            mmd_init = float(batched_mmd2(clouds, scale * init.exp()).mean())
+            mmd_init = float(clouds.mmd2(scale * init.exp()).mean())
         for lam in lambdas:
             run = optimise(clouds, init, scale, float(lam), steps=steps, lr=lr, tol=tol)
             runs[(layer, float(lam))] = run
             active = run.log_ratio < log_off
             n_active = int(active.sum())
+            init_active = init.cpu().numpy() < log_off
             row = {"layer": layer, "lambda": float(lam), "n_active": n_active, "active_fraction": n_active / d,
                    "mmd_init": mmd_init, "mmd_final": float(run.mmd[-1]), "objective_final": float(run.objective[-1]),
-                   "converged": run.converged, "relative_change_last_10pct": run.relative_change, "scale": scale}
+                   "converged": run.converged, "relative_change_last_10pct": run.relative_change, "scale": scale,
+                   "active_at_warm_start": int(init_active.sum()),
+                   "changed_from_warm_start": float((active != init_active).mean())}
             for k in mask.ks:
                 row[f"overlap_z_k{k}"] = overlap_with_energy(active, energies[k])
                 row[f"spearman_log_lengthscale_z_energy_k{k}"] = spearman(run.log_ratio, energies[k])
@@ -287,6 +311,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
         "overlap_chance": pick("overlap_chance"),
         f"spearman_log_lengthscale_z_energy_k{k_warm}": pick(f"spearman_log_lengthscale_z_energy_k{k_warm}"),
         "mmd_final": pick("mmd_final"),
+        "changed_from_warm_start": pick("changed_from_warm_start"),
         "n_converged": int(sum(c["converged"] for c in combos)),
         "n_runs": len(combos),
         "by_run": combos,
@@ -319,6 +344,7 @@ def plot_lengthscales(result: ArdResult, path: str | Path) -> None:
             axes[1].plot(layers, counts, marker="o", color=PALETTE[i % 10], label=f"λ={lam:g}")
         axes[1].set_xlabel("layer (resid.ℓ)")
         axes[1].set_ylabel(f"active dimensions |A| (of {s['d_model']})")
+        axes[1].set_ylim(0, s["d_model"] * 1.05)
         axes[1].set_xticks(layers)
         axes[1].set_title("dimensions that carry the zh/en difference")
         axes[1].legend(loc="best")

@@ -87,7 +87,7 @@ class PairedStates:
         """Positions (within the prompt's sequence) of its problem-text tokens."""
         tokens = self.cache.tokens
         sel = tokens[(tokens["prompt_id"] == prompt_id) & (tokens["role"] == POOLED_ROLE)].sort_values("position")
-        return sel["position"].to_numpy()
+        return np.array(sel["position"].to_numpy(), dtype=np.int64)
 
     def cached_completion(self, prompt_id: str) -> list[int]:
         tokens = self.cache.tokens

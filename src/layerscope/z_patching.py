@@ -286,12 +286,16 @@ def mcnemar_p(changed_a: Sequence[bool], changed_b: Sequence[bool]) -> float:
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
 
 
+_EPS = 1e-9  # rates are fractions of the pair count: 0.3 − 0.1 must count as 0.2
+
+
 def verdict(rates: dict, *, threshold: float = 0.5, margin: float = 0.2) -> str:
     """double_dissociation / partial / null from the derived rates (see module docstring)."""
-    if (rates["z_answer_change"] >= threshold and rates["z_language_preservation"] >= threshold
-            and rates["z_perp_language_disruption"] >= threshold and rates["z_perp_answer_change"] < threshold):
+    if (rates["z_answer_change"] >= threshold - _EPS and rates["z_language_preservation"] >= threshold - _EPS
+            and rates["z_perp_language_disruption"] >= threshold - _EPS
+            and rates["z_perp_answer_change"] < threshold - _EPS):
         return "double_dissociation"
-    if rates["z_answer_change"] - rates["z_perp_answer_change"] >= margin:
+    if rates["z_answer_change"] - rates["z_perp_answer_change"] >= margin - _EPS:
         return "partial"
     return "null"
 
@@ -324,7 +328,7 @@ def derived_rates(table: pd.DataFrame, *, threshold: float = 0.5, margin: float 
         rates["full_resembles"] = "z" if diff > 1e-12 else ("z_perp" if diff < -1e-12 else "tie")
         rates["answer_change_p_value"] = mcnemar_p(changed["z"], changed["z_perp"])
         rates["verdict"] = verdict(rates, threshold=threshold, margin=margin)
-        rates["z_specific"] = bool(rates["z_answer_change"] - rates["random_answer_change"] >= margin)
+        rates["z_specific"] = bool(rates["z_answer_change"] - rates["random_answer_change"] >= margin - _EPS)
         out.append(rates)
     return out
 
@@ -374,7 +378,7 @@ def pair_patches(zh_states: torch.Tensor, en_states: torch.Tensor, en_positions:
     return out
 
 
-def _cell(text: str, extracted, lang: str, width: int = 70) -> str:
+def _cell(text: str, extracted, lang: str, width: int = 600) -> str:
     flat = " ".join(text.split())
     short = flat if len(flat) <= width else flat[: width - 1] + "…"
     ans = "–" if extracted is None or (isinstance(extracted, float) and math.isnan(extracted)) else f"{extracted:g}"
