@@ -813,6 +813,18 @@ def test_the_suite_runs_end_to_end(suite_run):
     assert planned_jobs(workdir) == []
 
 
+@pytest.mark.slow
+def test_the_suite_figures_are_in_the_snakemake_report(suite_run, tmp_path):
+    from conftest import snakemake
+
+    workdir, _ = suite_run
+    out = tmp_path / "report.html"
+    snakemake(workdir, "--report", str(out))
+    text = out.read_text(errors="replace")
+    for name in ("z_subspace", "z_mask", "z_patching", "ard_mmd", "bridge", "update_decomposition", "z_separation"):
+        assert name in text
+
+
 def _copy(suite_run, tmp_path):
     import shutil
 
