@@ -120,10 +120,11 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
     problems = []
     models = filled["models"]
     psets = filled["prompt_sets"]
+    loaded = {}
     for slug, pset in psets.items():
         file = Path(base_dir) / pset["path"]
         try:
-            load_prompt_set(file, limit=pset.get("limit"))
+            loaded[slug] = load_prompt_set(file, limit=pset.get("limit"))
         except PromptSetError as exc:
             problems.append(f"config.prompt_sets.{slug}: {exc}")
     for name, exp in filled["experiments"].items():
@@ -142,10 +143,10 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
                 )
         if info.paired and exp.get("enabled", True):
             for pset in exp.get("prompt_sets") or list(psets):
-                if pset not in psets:
-                    continue
+                if pset not in loaded:
+                    continue  # unknown or unreadable: reported above
                 try:
-                    zh_en_pairs(load_prompt_set(Path(base_dir) / psets[pset]["path"], limit=psets[pset].get("limit")))
+                    zh_en_pairs(loaded[pset])
                 except PromptSetError as exc:
                     problems.append(
                         f"config.experiments.{name}.prompt_sets: {name} needs zh/en paired prompts, but prompt set "
