@@ -36,6 +36,7 @@ include: "rules/cross_model.smk"
 include: "rules/knockout.smk"
 include: "rules/swap.smk"
 include: "rules/shuffle.smk"
+include: "rules/z_subspace.smk"
 include: "rules/report.smk"
 
 

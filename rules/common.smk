@@ -46,6 +46,10 @@ def prepare_params(wildcards):
     return lsconfig.prepare_params(config, wildcards.model)
 
 
+def model_dtype(wildcards):
+    return lsconfig.model_spec(config, wildcards.model)["dtype"]
+
+
 def generation_params(wildcards):
     return lsconfig.generation_params(config, wildcards.model, wildcards.pset)
 

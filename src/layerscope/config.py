@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import jsonschema
 
 from . import LayerscopeError, paths
-from .prompts import PromptSetError, load_prompt_set
+from .prompts import PromptSetError, load_prompt_set, zh_en_pairs
 
 SCHEMA_FILE = "resources/config.schema.json"
 
@@ -37,11 +37,17 @@ class ExperimentInfo:
     description: str
     # experiments whose results it reads: it runs only where every one of them runs
     requires: tuple[str, ...] = ()
+    section: str = ""  # report section grouping a family of experiments ("" = its own name)
+    paired: bool = False  # reads zh/en paired prompt sets only (checked at start-up)
 
     @property
     def per_model(self) -> bool:
         """Whether runs are per model only (results/{model}/{experiment}/), without a prompt set."""
         return self.data in ("weights", "inputs")
+
+    @property
+    def report_section(self) -> str:
+        return self.section or self.name
 
 
 EXPERIMENTS: dict[str, ExperimentInfo] = {
@@ -68,6 +74,19 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
                        "loss with each block skipped, pairwise synergy, causal tracing"),
         ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
         ExperimentInfo("shuffle", "decoder", "prompts", True, "recovering the order of shuffled blocks"),
+        # DESIGN.md experiment 13, the z_subspace suite: one weights-only mask, five analyses of paired prompts
+        ExperimentInfo("z_mask", "decoder", "weights", False, "QK-circuit subspace Z per layer and k",
+                       section="z_subspace"),
+        ExperimentInfo("z_separation", "decoder", "prompts", False, "zh/en separation and energy in Z, Z⊥, random",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("update_decomposition", "decoder", "prompts", False, "block updates split into Z and Z⊥",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("z_patching", "decoder", "prompts", True, "en←zh subspace patching during generation",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("ard_mmd", "decoder", "prompts", True, "ARD-RBF MMD lengthscales of zh vs en token clouds",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("bridge", "decoder", "prompts", False, "linear map from en to zh coordinates in Z",
+                       section="z_subspace", paired=True),
     ]
 }
 
@@ -139,10 +158,11 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
         if slug in weights_only:
             problems.append(f"config.prompt_sets.{slug}: {slug!r} is the name of a weights-only experiment "
                             "(results/{model}/" + slug + "/); rename the prompt set")
+    loaded = {}
     for slug, pset in psets.items():
         file = Path(base_dir) / pset["path"]
         try:
-            load_prompt_set(file, limit=pset.get("limit"))
+            loaded[slug] = load_prompt_set(file, limit=pset.get("limit"))
         except PromptSetError as exc:
             problems.append(f"config.prompt_sets.{slug}: {exc}")
     for name, exp in filled["experiments"].items():
@@ -159,6 +179,17 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
                 problems.append(
                     f"config.experiments.{name}.prompt_sets: unknown prompt set {pset!r}; configured: {sorted(psets)}"
                 )
+        if info.paired and exp.get("enabled", True):
+            for pset in exp.get("prompt_sets") or list(psets):
+                if pset not in loaded:
+                    continue  # unknown or unreadable: reported above
+                try:
+                    zh_en_pairs(loaded[pset])
+                except PromptSetError as exc:
+                    problems.append(
+                        f"config.experiments.{name}.prompt_sets: {name} needs zh/en paired prompts, but prompt set "
+                        f"{pset!r} is not one ({exc}); list only paired prompt sets under `prompt_sets`"
+                    )
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return filled

@@ -9,6 +9,11 @@ Each prompt needs a unique ``id`` (letters, digits, ``._-``), a ``category`` and
 non-empty ``text``. Optional per-prompt fields: ``answer`` (a reference answer),
 ``lang`` (a language code) and ``pair`` (the id shared by the two halves of a paired
 problem). Anything else is rejected, so a typo such as ``"txt"`` cannot pass silently.
+
+Pairs are checked on load: the prompts that share a ``pair`` id are exactly two, both give
+their ``lang`` (two different languages), the same ``category`` and the same ``answer``.
+:func:`zh_en_pairs` returns the pairs of a set in which every prompt is one half of a
+Chinese/English pair (what the z_subspace experiments read).
 """
 
 from __future__ import annotations
@@ -66,6 +71,85 @@ class PromptSet:
 
     def by_id(self) -> dict[str, Prompt]:
         return {p.id: p for p in self.prompts}
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """One problem in two languages: its Chinese and English prompts and their shared answer."""
+
+    pair: str
+    category: str
+    answer: str | float | int
+    zh: Prompt
+    en: Prompt
+
+
+def _answer_key(answer) -> tuple:
+    """Answers compare as numbers when both parse as numbers ("12" == 12 == 12.0), else as text."""
+    try:
+        return ("number", float(str(answer).strip().replace(",", "")))
+    except ValueError:
+        return ("text", str(answer).strip())
+
+
+def _check_pairs(prompts: list[Prompt], where: str) -> None:
+    groups: dict[str, list[Prompt]] = {}
+    for p in prompts:
+        if p.pair is not None:
+            groups.setdefault(p.pair, []).append(p)
+    for pair, members in groups.items():
+        label = f"prompt set {where}, pair {pair!r}"
+        ids = [p.id for p in members]
+        if len(members) != 2:
+            raise PromptSetError(f"{label}: a pair has exactly two prompts, found {len(members)} ({ids})")
+        a, b = members
+        missing = [p.id for p in members if not p.lang]
+        if missing:
+            raise PromptSetError(f"{label}: prompt(s) {missing} have no 'lang'; each half of a pair names its language")
+        if a.lang == b.lang:
+            raise PromptSetError(f"{label}: both prompts ({ids}) are in language {a.lang!r}; a pair has one prompt per language")
+        if a.category != b.category:
+            raise PromptSetError(f"{label}: the two prompts have different categories ({a.category!r}, {b.category!r})")
+        if a.answer is None or b.answer is None:
+            raise PromptSetError(f"{label}: both prompts need an 'answer' (the shared answer of the problem)")
+        if _answer_key(a.answer) != _answer_key(b.answer):
+            raise PromptSetError(f"{label}: the answers differ ({a.id}: {a.answer!r}, {b.id}: {b.answer!r})")
+
+
+def zh_en_pairs(prompt_set: PromptSet, ids: list[str] | None = None) -> list[PromptPair]:
+    """The Chinese/English pairs of a prompt set, in file order.
+
+    Every prompt (or every prompt in ``ids``, e.g. those present in an activation cache)
+    must be one half of a pair with one ``zh`` and one ``en`` prompt, and both halves must
+    be present; anything else raises :class:`PromptSetError` naming the prompt or pair.
+    """
+    where = prompt_set.source or prompt_set.name
+    by_id = prompt_set.by_id()
+    chosen = list(dict.fromkeys(ids)) if ids is not None else [p.id for p in prompt_set.prompts]
+    unknown = [i for i in chosen if i not in by_id]
+    if unknown:
+        raise PromptSetError(f"prompt set {where}: prompt id(s) {unknown[:5]} are not in the prompt set")
+    groups: dict[str, dict[str, Prompt]] = {}
+    for pid in chosen:
+        p = by_id[pid]
+        if p.pair is None:
+            raise PromptSetError(f"prompt set {where}: prompt {p.id!r} has no 'pair'; every prompt must be one half of a zh/en pair")
+        if p.lang not in ("zh", "en"):
+            raise PromptSetError(f"prompt set {where}: prompt {p.id!r} has lang {p.lang!r}; zh/en pairs need 'zh' or 'en'")
+        groups.setdefault(p.pair, {})[p.lang] = p
+    pairs = []
+    for pair, halves in groups.items():
+        if set(halves) != {"zh", "en"}:
+            (lang, p), = halves.items()
+            raise PromptSetError(
+                f"prompt set {where}: pair {pair!r} has only its {lang!r} prompt ({p.id}); the other half is missing"
+                " (a prompt-set `limit` must keep whole pairs)"
+            )
+        zh, en = halves["zh"], halves["en"]
+        pairs.append(PromptPair(pair, en.category, en.answer, zh, en))
+    if not pairs:
+        raise PromptSetError(f"prompt set {where}: no zh/en pairs")
+    return pairs
 
 
 def load_prompt_set(path: str | Path, *, limit: int | None = None) -> PromptSet:
@@ -130,6 +214,7 @@ def load_prompt_set(path: str | Path, *, limit: int | None = None) -> PromptSet:
             )
         )
 
+    _check_pairs(prompts, where)
     declared = data.get("categories")
     if declared is not None:
         if not isinstance(declared, list) or not all(isinstance(c, str) for c in declared):

@@ -113,6 +113,11 @@ def _figures(summary_path: Path) -> list[Path]:
     return sorted(p for p in summary_path.parent.iterdir() if p.suffix in FIGURE_SUFFIXES)
 
 
+def _tables(summary_path: Path) -> list[Path]:
+    """Markdown tables an experiment writes beside its summary (e.g. z_patching's table.md)."""
+    return sorted(p for p in summary_path.parent.iterdir() if p.suffix == ".md" and not p.name.startswith("."))
+
+
 def model_report(model: str, summary_paths: list[str | Path], manifest_path: str | Path | None,
                  out_md: str | Path, out_html: str | Path) -> None:
     """The per-model page: architecture, then each experiment's headline numbers and figures."""
@@ -129,19 +134,37 @@ def model_report(model: str, summary_paths: list[str | Path], manifest_path: str
         rows = [[k, _fmt(v)] for k, v in facts.items()]
         md += ["## Architecture", "", _md_table(["fact", "value"], rows), ""]
         body += ["<h2>Architecture</h2>", _html_table(["fact", "value"], rows)]
-    by_experiment: dict[str, list[Path]] = {}
+    from .config import EXPERIMENTS
+
+    # experiments of one family (ExperimentInfo.section, e.g. z_subspace) share one section
+    sections: dict[str, list[tuple[str, Path]]] = {}
     for path in map(Path, summary_paths):
-        by_experiment.setdefault(parse_summary_path(path)["experiment"], []).append(path)
-    for experiment, paths in by_experiment.items():
-        md += [f"## {experiment}", ""]
-        body.append(f"<h2>{html.escape(experiment)}</h2>")
-        for path in paths:
+        experiment = parse_summary_path(path)["experiment"]
+        info = EXPERIMENTS.get(experiment)
+        sections.setdefault(info.report_section if info else experiment, []).append((experiment, path))
+    for section, items in sections.items():
+        md += [f"## {section}", ""]
+        body.append(f"<h2>{html.escape(section)}</h2>")
+        family = any(experiment != section for experiment, _ in items)
+        for experiment, path in items:
             where = parse_summary_path(path)
             label = f"prompt set `{where['prompt_set']}`" if where["prompt_set"] else "weights"
+            if family:
+                label = f"{experiment} — {label}"
             rows = [[k, _fmt(v) if not isinstance(v, list) else json.dumps(v)]
                     for k, v in headline(read_json(path)).items()]
-            md += [f"### {label}", "", _md_table(["metric", "value"], rows), ""]
-            body += [f"<h3>{html.escape(label.replace('`', ''))}</h3>", _html_table(["metric", "value"], rows)]
+            md += [f"### {label}", ""]
+            body.append(f"<h3>{html.escape(label.replace('`', ''))}</h3>")
+            if family and experiment in EXPERIMENTS:
+                md += [f"_{EXPERIMENTS[experiment].description}_", ""]
+                body.append(f"<p><em>{html.escape(EXPERIMENTS[experiment].description)}</em></p>")
+            md += [_md_table(["metric", "value"], rows), ""]
+            body.append(_html_table(["metric", "value"], rows))
+            for table in _tables(path):
+                rel_md = os.path.relpath(table, out_md.parent)
+                rel_html = os.path.relpath(table, out_html.parent)
+                md += [f"Table: [{table.name}]({rel_md})", ""]
+                body.append(f"<p>Table: <a href='{html.escape(rel_html)}'>{html.escape(table.name)}</a></p>")
             for fig in _figures(path):
                 rel_md = os.path.relpath(fig, out_md.parent)
                 rel_html = os.path.relpath(fig, out_html.parent)

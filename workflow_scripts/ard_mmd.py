@@ -1,0 +1,16 @@
+"""ard_mmd: ARD-RBF lengthscales that separate each pair's zh and en token clouds (GPU when leased)."""
+
+from layerscope.ard_mmd import run_ard_mmd
+from layerscope.runtime import job
+
+with job(snakemake, gpu=True, seed=snakemake.params.z["seed"]) as ctx:
+    run_ard_mmd(
+        snakemake.input.mask,
+        snakemake.input.resid,
+        snakemake.input.prompts,
+        snakemake.output,
+        params=snakemake.params.z,
+        model=snakemake.wildcards.model,
+        prompt_set=snakemake.wildcards.pset,
+        device=ctx.device,
+    )
