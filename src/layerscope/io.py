@@ -2,7 +2,9 @@
 
 Every file the workflow produces is written to a temporary name beside its target and
 renamed into place only once complete, so an interrupted job never leaves a half-written
-file that looks finished.
+file that looks finished. A job killed outright (``kill -9``) cannot remove its temporary
+file: the next write of the same target removes such leftovers (one job at a time writes a
+given target — Snakemake guarantees that within a working directory).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,6 +26,30 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _temp_name_pattern(target: Path, suffix: str) -> re.Pattern:
+    """Names ``tempfile.mkstemp``/``mkdtemp`` give a temporary for ``target`` (8 random characters)."""
+    return re.compile(re.escape(f".{target.name}.") + r"[A-Za-z0-9_]{8}" + re.escape(suffix))
+
+
+def remove_stale_temporaries(target: str | os.PathLike, suffix: str | None = None) -> list[Path]:
+    """Remove temporaries of ``target`` left by a killed writer (files or folders); returns them."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    suffix = f".tmp{target.suffix}" if suffix is None else suffix
+    pattern = _temp_name_pattern(target, suffix)
+    removed = []
+    for entry in target.parent.iterdir():
+        if pattern.fullmatch(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` on success.
@@ -32,6 +59,7 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else target.suffix
+    remove_stale_temporaries(target, f".tmp{suffix}")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{suffix}", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -51,6 +79,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; it replaces ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target, ".tmp")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp

@@ -9,6 +9,8 @@ which sets torch's thread count from the rule's ``threads:``, seeds every genera
 enables deterministic algorithms, sends logging, warnings and library output to the rule's
 log file, leases a GPU when the rule runs a model forward, and turns a
 :class:`~layerscope.LayerscopeError` into a one-line message instead of a traceback.
+The log records the process id, host, SLURM job and GPU variables, and every GPU lease and
+release with a timestamp; SIGTERM stops the job cleanly (temporary files removed).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import contextlib
 import logging
 import os
 import random
+import signal
+import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -25,7 +30,7 @@ from typing import Iterator
 from typing import Any
 
 from . import LayerscopeError, __version__
-from .devices import Lease, lease_device
+from .devices import Lease, lease_device, slurm_gpu_summary
 
 log = logging.getLogger("layerscope")
 
@@ -94,6 +99,29 @@ def _redirect_output(log_file: str | None) -> Iterator[int | None]:
             os.close(saved_err)
 
 
+@contextlib.contextmanager
+def _stop_cleanly_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (``scancel``, a scheduler's time limit, Snakemake stopping its jobs) into SystemExit.
+
+    Python's default is to die at once; raising instead unwinds the job, so every
+    :func:`~layerscope.io.atomic_path` removes its temporary file and the GPU lease is released
+    and logged. (SIGKILL cannot be caught: its leftovers are removed by the next write.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        log.warning("received %s: stopping the job", signal.Signals(signum).name)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @dataclass
 class JobContext:
     device: Any  # torch.device
@@ -109,10 +137,14 @@ def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterat
     log_files = list(getattr(snakemake, "log", []) or [])
     log_file = str(log_files[0]) if log_files else None
     seed = 0 if seed is None else int(seed)
-    with _redirect_output(log_file) as console_fd:
+    with _redirect_output(log_file) as console_fd, _stop_cleanly_on_sigterm():
         setup_logging()
         rule = getattr(snakemake, "rule", "job")
-        log.info("layerscope %s, rule %s, %d thread(s), seed %d", __version__, rule, threads, seed)
+        log.info("layerscope %s, rule %s, %d thread(s), seed %d, pid %d on %s", __version__, rule, threads, seed,
+                 os.getpid(), socket.gethostname())
+        if os.environ.get("SLURM_JOB_ID"):
+            log.info("SLURM job %s on node %s (%s)", os.environ["SLURM_JOB_ID"],
+                     os.environ.get("SLURMD_NODENAME", "?"), slurm_gpu_summary())
         uses_torch = gpu or "torch" in sys.modules  # report jobs never import torch: keep them light
         os.environ["OMP_NUM_THREADS"] = str(threads)
         if uses_torch:
@@ -130,6 +162,9 @@ def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterat
             if console_fd is not None:
                 os.write(console_fd, f"layerscope error in rule {rule}: {exc}\n".encode())
             raise SystemExit(1) from None
+        except Exception:
+            log.exception("rule %s failed", rule)  # the traceback in the rule's log, not only on the console
+            raise
         finally:
             lease.release()
         log.info("done in %.1fs", time.monotonic() - started)
