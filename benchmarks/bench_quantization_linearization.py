@@ -22,12 +22,11 @@ spin-waiting (see README).
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import layerscope  # noqa: F401,E402  (sets OMP_WAIT_POLICY=PASSIVE before torch loads)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,13 +1,7 @@
 """contrastive: trajectories of force-decoded contrastive completions."""
 
-import os
-
-# idle OpenMP threads sleep instead of spinning (must be set before torch loads): a job with 2
-# threads on a busy CPU is otherwise several times slower (README, "Contrastive")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from layerscope.contrastive import run_contrastive  # noqa: E402
-from layerscope.runtime import job  # noqa: E402
+from layerscope.contrastive import run_contrastive
+from layerscope.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.contrastive["seed"]) as ctx:
     run_contrastive(

@@ -1,11 +1,5 @@
 """linearization: linearization gap, order, magnitude and Jacobian norm of every block and sub-layer."""
 
-import os
-
-# before torch loads OpenMP: idle threads sleep instead of spinning, which on a CPU shared with
-# other jobs keeps many small ops (jvp passes, short sequences) from slowing down several-fold
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from layerscope.linearization import run_linearization
 from layerscope.runtime import job
 

@@ -3,6 +3,14 @@
 The library holds all logic; the workflow's rules and scripts only wire files to it.
 """
 
+import os
+
+# Idle OpenMP threads sleep instead of spinning. Read by libgomp when torch loads, so it holds for
+# every workflow script (each imports layerscope before torch); set it yourself to override.
+# On a CPU shared by several jobs, spinning threads made small-op workloads (jvp passes, short
+# sequences, per-variant forwards) several times slower.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 __version__ = "0.1.0"
 
 
