@@ -18,7 +18,7 @@ from layerscope.contrastive import (
     RELATIONS, ContrastiveGroupsError, common_prefix_length, contrastive, crossover, encode_groups, force_decode,
     load_groups, shared_prefix, write_outputs,
 )
-from layerscope.lens import _Readout
+from layerscope.lens import Readout
 from tiny_models import tiny_configs
 
 GROUPS = REPO / "resources" / "contrastive" / "groups.json"
@@ -112,7 +112,7 @@ def test_lens_at_the_last_layer_is_the_models_own_prediction(stories):
     adapter, tok = stories
     groups = load_groups(GROUPS, limit=1)
     enc = encode_groups(tok, groups, system_prompt=None, chat_template="auto")[0]
-    readout = _Readout(adapter)
+    readout = Readout(adapter)
     _, logp = force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, lens_tokens="last")
     _, logp_all = force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, lens_tokens="all")
     with torch.no_grad():
@@ -131,7 +131,7 @@ def test_cosine_and_kl_equal_a_direct_computation(stories):
     groups = load_groups(GROUPS, limit=3)
     result = contrastive(adapter, tok, groups, model="stories", system_prompt=None)
     encoded = encode_groups(tok, groups, system_prompt=None, chat_template="auto")
-    readout = _Readout(adapter)
+    readout = Readout(adapter)
     prefix = shared_prefix(adapter, [enc.prompt_ids for enc in encoded])
     for g, enc in enumerate(encoded):
         traj, logp = force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, prefix=prefix)

@@ -10,7 +10,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.activations import ActivationCache, TokenSequence, extract_activations
-from layerscope.adapter import ModelAdapter, load_model, load_tokenizer
+from layerscope.adapter import ModelAdapter
 from layerscope.quant_methods import METHODS, availability, run_library_methods
 from layerscope.quantization import (
     WeightEditor, allocate, fake_quantize, group_scales, qmax, quantization, weights_digest,

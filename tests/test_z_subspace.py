@@ -15,7 +15,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.activations import extract_activations, sequences_from_completions
-from layerscope.adapter import load_model, load_tokenizer
+from layerscope.adapter import load_model
 from layerscope.generate import generate_completions, stop_token_ids
 from layerscope.paired_states import PairedStates
 from layerscope.prompts import PromptSetError, load_prompt_set, zh_en_pairs

@@ -43,7 +43,7 @@ import torch
 from . import LayerscopeError
 from .generate import encode_prompts, uses_chat_template
 from .io import sha256_json, write_json, write_parquet
-from .lens import _Readout, first_true, stays_true_from
+from .lens import Readout, first_true, stays_true_from
 from .prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -316,7 +316,7 @@ def contrastive(adapter, tokenizer, groups: ContrastiveSet, *, model: str, syste
     if lens_tokens not in ("last", "all"):
         raise LayerscopeError(f"contrastive.lens_tokens must be 'last' or 'all', got {lens_tokens!r}")
     encoded = encode_groups(tokenizer, groups, system_prompt=system_prompt, chat_template=chat_template)
-    readout = _Readout(adapter)
+    readout = Readout(adapter)
     relations = groups.relations
     n_sites = adapter.n_layers + 1
     cosine = {r: np.zeros((len(encoded), n_sites)) for r in relations}

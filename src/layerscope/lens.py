@@ -50,7 +50,7 @@ class LensArrays:
     rows: np.ndarray  # cache rows of the tokens
 
 
-class _Readout(torch.nn.Module):
+class Readout(torch.nn.Module):
     """The model's post-block read-out, in float32 (a copy when the model runs in lower precision)."""
 
     def __init__(self, adapter: ModelAdapter):
@@ -87,7 +87,7 @@ def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: 
             f"activation cache ({cache.n_layers} layers, d={cache.d_model}) does not match the model "
             f"({adapter.n_layers} layers, d={adapter.facts.d_model})"
         )
-    readout = _Readout(adapter)
+    readout = Readout(adapter)
     rows = cache.target_rows()
     if len(rows) == 0:
         raise LayerscopeError(f"{cache.directory}: no completion tokens in the cache")

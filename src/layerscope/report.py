@@ -59,6 +59,16 @@ def parse_summary_path(path: str | Path) -> dict[str, str]:
     raise ValueError(f"not a summary path: {path}")
 
 
+def scope_label(experiment: str, prompt_set: str) -> str:
+    """What a result was computed from: a prompt set, the weights, or the experiment's own inputs."""
+    if prompt_set:
+        return f"prompt set `{prompt_set}`"
+    from .config import EXPERIMENTS
+
+    info = EXPERIMENTS.get(experiment)
+    return "its own inputs" if info is not None and info.data == "inputs" else "weights"
+
+
 def headline_table(summary_paths: Iterable[str | Path]) -> pd.DataFrame:
     """Long table: experiment, prompt_set, metric, model, value (value as JSON text for lists)."""
     rows = []
@@ -148,7 +158,7 @@ def model_report(model: str, summary_paths: list[str | Path], manifest_path: str
         family = any(experiment != section for experiment, _ in items)
         for experiment, path in items:
             where = parse_summary_path(path)
-            label = f"prompt set `{where['prompt_set']}`" if where["prompt_set"] else "weights"
+            label = scope_label(experiment, where["prompt_set"])
             if family:
                 label = f"{experiment} — {label}"
             rows = [[k, _fmt(v) if not isinstance(v, list) else json.dumps(v)]
@@ -189,7 +199,7 @@ def cross_model_report(summary_paths: list[str | Path], out_md: str | Path, out_
         rows = [[metric] + [_fmt(v) if isinstance(v, str) and not v.startswith("[") else
                             "–" if v is None or (isinstance(v, float) and v != v) else str(v)
                             for v in wide.loc[metric].tolist()] for metric in wide.index]
-        title = f"{experiment} — prompt set `{pset}`" if pset else f"{experiment} — weights"
+        title = f"{experiment} — {scope_label(experiment, pset)}"
         md += [f"## {title}", "", _md_table(["metric", *wide.columns.tolist()], rows), ""]
     pair_figures = [(parse_summary_path(p), fig) for p in map(Path, summary_paths)
                     if parse_summary_path(p)["experiment"].startswith("cross_model/") for fig in _figures(p)]

@@ -25,9 +25,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
-
-from typing import Any
+from typing import Any, Iterator
 
 from . import LayerscopeError, __version__
 from .devices import Lease, lease_device, slurm_gpu_summary
