@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 
 from . import LayerscopeError
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .paired_states import POOLING, PairedStates
 from .z_mask import ZMask, energy_per_dimension
 
@@ -371,7 +371,7 @@ def plot_convergence(result: ArdResult, path: str | Path) -> None:
 
 
 def write_outputs(result: ArdResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("lengthscales"), result.lengthscales)
     write_parquet(get("trajectory"), result.trajectory)

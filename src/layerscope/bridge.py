@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from . import LayerscopeError
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .paired_states import POOLING, PairedStates
 from .z_mask import ZMask
 
@@ -218,7 +218,7 @@ def plot_bridge(result: BridgeResult, path: str | Path) -> None:
 
 
 def write_outputs(result: BridgeResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     plot_bridge(result, get("bridge"))
     write_json(get("summary"), result.summary)

@@ -42,7 +42,7 @@ import torch
 
 from . import LayerscopeError
 from .generate import encode_prompts, uses_chat_template
-from .io import sha256_json, write_json, write_parquet
+from .io import output_getter, sha256_json, write_json, write_parquet
 from .lens import Readout, first_true, stays_true_from
 from .prompts import Prompt
 
@@ -476,7 +476,7 @@ FIGURES = ("cosine", "kl", "crossover", "relations")
 
 
 def write_outputs(result: ContrastiveResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("per_group"), result.per_group)
     plot_curves(result, get("cosine"), "cosine")

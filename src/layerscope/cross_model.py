@@ -41,7 +41,7 @@ import torch
 
 from . import LayerscopeError
 from .activations import ActivationCache
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def plot_cka(result: CkaResult, path: str | Path) -> None:
 
 
 def write_cka_outputs(result: CkaResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("cka"), result.table)
     plot_cka(result, get("heatmap"))
     write_json(get("summary"), result.summary)
@@ -346,7 +346,7 @@ def run_cross_model_procrustes(model_dir_a, model_dir_b, outputs, *, params: dic
                                seed: int = 0) -> dict:
     from .adapter import load_model, load_tokenizer
 
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     vocab = shared_vocabulary(load_tokenizer(model_dir_a), load_tokenizer(model_dir_b))
     summary = {"model_a": model_a, "model_b": model_b,
                **{k: vocab[k] for k in ("same_tokenizer", "vocab_a", "vocab_b", "n_shared_tokens")}}

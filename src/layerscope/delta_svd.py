@@ -41,7 +41,7 @@ from . import LayerscopeError
 from .activations import ActivationCache
 from .generate import ROLES
 from .geometry import capture, orthonormal_basis, subspace_overlap
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .residual_geometry import read_rows, select_rows
 from .spectra import eigh_descending, entropy_effective_rank, participation_ratio, row_chunks, stable_rank
 
@@ -338,7 +338,7 @@ FIGURES = ("curves", "directions")
 
 
 def write_outputs(result: DeltaSVDResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("pairs"), result.pairs)
     plot_curves(result, get("curves"))

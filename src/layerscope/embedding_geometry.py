@@ -37,7 +37,7 @@ import torch
 
 from . import LayerscopeError
 from .geometry import between_within_ratio, cayley_menger_volume, unit_rows
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .spectra import dims_for_variance, entropy_effective_rank, participation_ratio, single_thread
 
 log = logging.getLogger(__name__)
@@ -422,7 +422,7 @@ FIGURES = ("overview", "categories")
 
 
 def write_outputs(result: EmbeddingGeometryResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("words"), result.words)
     write_parquet(get("eigenspectrum"), result.eigenspectrum)

@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -137,6 +137,14 @@ def write_parquet(path: str | os.PathLike, frame) -> None:
     """Write a pandas DataFrame to Parquet atomically (no index column)."""
     with atomic_path(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def output_getter(outputs) -> Callable[[str], Any]:
+    """``get(name)`` for a job's output paths, given as a dict (library callers, tests) or as
+    Snakemake's named output list (``snakemake.output``)."""
+    if isinstance(outputs, dict):
+        return outputs.__getitem__
+    return lambda name: getattr(outputs, name)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -25,6 +25,7 @@ import pandas as pd
 from . import LayerscopeError
 from .surgery import LossEvaluator, skip
 from .tracing import TraceResult
+from .io import output_getter, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -178,9 +179,7 @@ FIGURES = ("ratio", "synergy", "tracing")
 
 def write_outputs(result: KnockoutResult, outputs) -> None:
     """metrics, pairs, tracing (parquet), the figures, then summary.json last."""
-    from .io import write_json, write_parquet
-
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("pairs"), result.pairs)
     trace = result.trace.table if result.trace is not None else pd.DataFrame(

@@ -28,7 +28,7 @@ import torch
 from . import LayerscopeError
 from .activations import ActivationCache
 from .adapter import ModelAdapter
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .phases import phases_from_boundaries, segment
 
 log = logging.getLogger(__name__)
@@ -310,7 +310,7 @@ FIGURES = ("curves", "categories", "crystallization")
 
 def write_outputs(result: LensResult, outputs) -> None:
     """Write every output; ``outputs`` maps (attribute or key) metrics, per_token, the figures and summary to paths."""
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("per_token"), result.per_token)
     plot_curves(result, get("curves"))

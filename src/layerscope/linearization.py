@@ -47,7 +47,7 @@ from torch.func import jvp, vjp
 from . import LayerscopeError
 from .activations import ActivationCache
 from .adapter import ModelAdapter
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -487,7 +487,7 @@ def plot_jacobian(result: LinearizationResult, path: str | Path) -> None:
 
 
 def write_outputs(result: LinearizationResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("per_sample"), result.per_sample)
     write_parquet(get("per_token"), result.per_token)

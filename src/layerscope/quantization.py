@@ -44,7 +44,7 @@ import torch
 from . import LayerscopeError
 from .activations import ActivationCache
 from .adapter import PROJECTION_TYPES, ModelAdapter, ProjectionRef
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .surgery import LossEvaluator
 
 log = logging.getLogger(__name__)
@@ -537,7 +537,7 @@ def plot_mixed(result: QuantizationResult, path: str | Path) -> None:
 
 
 def write_outputs(result: QuantizationResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     plot_layers(result, get("layers"))
     plot_matrices(result, get("matrices"))

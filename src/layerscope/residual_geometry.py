@@ -39,7 +39,7 @@ from . import LayerscopeError
 from .activations import ActivationCache
 from .generate import ROLES
 from .geometry import between_within_ratio, eigen_isotropy, mean_pairwise_cosine
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .spectra import (
     column_mean, dims_for_variance, eigh_descending, entropy_effective_rank, gram_matrix, participation_ratio, row_chunks,
 )
@@ -347,7 +347,7 @@ FIGURES = ("curves", "massive")
 
 
 def write_outputs(result: ResidualGeometryResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("massive"), result.massive)
     plot_curves(result, get("curves"))

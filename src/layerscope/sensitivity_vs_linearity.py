@@ -20,7 +20,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from . import LayerscopeError
-from .io import read_json, write_json, write_parquet
+from .io import output_getter, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def run_sensitivity_vs_linearity(linearization_summary, quantization_summary, ou
     """The workflow stage: read both summaries, write metrics.parquet, scatter figure, summary.json."""
     result = sensitivity_vs_linearity(read_json(linearization_summary), read_json(quantization_summary),
                                       model=model, prompt_set=prompt_set)
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     plot_scatter(result, get("scatter"))
     write_json(get("summary"), result.summary)

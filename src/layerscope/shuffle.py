@@ -61,6 +61,7 @@ import torch
 from . import LayerscopeError
 from .adapter import BlockInputs
 from .surgery import LossEvaluator, PrefixMemo, move
+from .io import output_getter, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -563,9 +564,7 @@ FIGURES = ("methods", "orders")
 
 
 def write_outputs(result: ShuffleResult, outputs) -> None:
-    from .io import write_json, write_parquet
-
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("orders"), result.orders)
     plot_methods(result, get("methods_plot"))

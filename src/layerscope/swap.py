@@ -27,6 +27,7 @@ import pandas as pd
 
 from . import LayerscopeError
 from .surgery import LossEvaluator, swap
+from .io import output_getter, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ FIGURES = ("cost_matrix", "sensitivity")
 
 
 def write_outputs(result: SwapResult, outputs) -> None:
-    from .io import write_json, write_parquet
-
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("pairs"), result.pairs)
     plot_cost_matrix(result, get("cost_matrix_plot"))

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .paired_states import POOLING, PairedStates
 from .z_mask import ZMask
 
@@ -153,7 +153,7 @@ def plot_ratios(result: DecompositionResult, path: str | Path) -> None:
 
 
 def write_outputs(result: DecompositionResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     plot_ratios(result, get("ratios"))
     write_json(get("summary"), result.summary)

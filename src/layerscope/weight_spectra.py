@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from .adapter import PROJECTION_TYPES, ModelAdapter
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .spectra import condition_number, entropy_effective_rank, participation_ratio, singular_values, stable_rank
 from .weights import WeightSource, parallel_map, weight_inventory
 
@@ -287,7 +287,7 @@ def plot_singular_values(result: SpectraResult, path: str | Path) -> None:
 
 
 def write_outputs(result: SpectraResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("singular_values"), result.singular_values)
     write_parquet(get("jumps"), result.jumps)

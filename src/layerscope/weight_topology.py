@@ -38,7 +38,7 @@ import torch
 
 from . import LayerscopeError
 from .adapter import PROJECTION_TYPES, ModelAdapter
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .spectra import entropy_effective_rank, singular_values, stable_rank
 from .weights import WeightSource, parallel_map, weight_inventory
 
@@ -666,7 +666,7 @@ def plot_position(result: TopologyResult, path: str | Path) -> None:
 
 
 def write_outputs(result: TopologyResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     write_parquet(get("sparsity"), result.sparsity)
     write_parquet(get("qk"), result.qk)

@@ -40,7 +40,7 @@ import torch
 
 from . import LayerscopeError, __version__
 from .adapter import ModelAdapter
-from .io import atomic_path, write_json, write_parquet
+from .io import atomic_path, output_getter, write_json, write_parquet
 from .spectra import entropy_effective_rank
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ def plot_spectra(result: ZMaskResult, path: str | Path) -> None:
 
 
 def write_outputs(result: ZMaskResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     result.mask.save(get("mask"))
     write_parquet(get("metrics"), result.metrics)
     plot_spectra(result, get("spectra"))

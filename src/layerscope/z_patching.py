@@ -65,7 +65,7 @@ import torch
 
 from . import LayerscopeError
 from .adapter import ModelAdapter
-from .io import write_json, write_parquet, write_text
+from .io import output_getter, write_json, write_parquet, write_text
 from .paired_states import PairedStates
 from .z_mask import ZMask
 
@@ -530,7 +530,7 @@ def plot_rates(result: PatchingResult, path: str | Path) -> None:
 
 
 def write_outputs(result: PatchingResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("table"), result.table)
     write_parquet(get("metrics"), result.metrics)
     write_text(get("markdown"), result.markdown)

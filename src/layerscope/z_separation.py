@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from . import LayerscopeError
-from .io import write_json, write_parquet
+from .io import output_getter, write_json, write_parquet
 from .paired_states import POOLING, PairedStates
 from .z_mask import ZMask
 
@@ -172,7 +172,7 @@ def plot_separation(result: SeparationResult, path: str | Path) -> None:
 
 
 def write_outputs(result: SeparationResult, outputs) -> None:
-    get = (lambda k: outputs[k]) if isinstance(outputs, dict) else (lambda k: getattr(outputs, k))
+    get = output_getter(outputs)
     write_parquet(get("metrics"), result.metrics)
     plot_separation(result, get("separation"))
     write_json(get("summary"), result.summary)
