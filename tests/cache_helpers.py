@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from layerscope.activations import ActivationCache, extract_activations, sequences_from_completions
+from layerscope.activations import ActivationCache, TokenSequence, extract_activations, sequences_from_completions
 from layerscope.generate import generate_completions
 from layerscope.prompts import Prompt, PromptSet
 
@@ -20,6 +20,20 @@ PROMPTS = PromptSet("geo", (
     Prompt("b2", "animals", "A cat sat on the mat and"),
     Prompt("c1", "park", "One day, a bird flew to the park."),
 ))
+
+
+def random_token_cache(adapter, tokenizer, folder: Path, *, n: int, first_length: int, step: int, seed: int = 0):
+    """A cache of n random token sequences of lengths first_length + step·i: a template token, then the
+    first half marked prompt and the second half completion. Returns (cache, sequences)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(n):
+        length = first_length + step * i
+        ids = [1] + torch.randint(3, adapter.facts.vocab_size, (length - 1,), generator=g).tolist()
+        roles = ["template"] + ["prompt"] * (length // 2 - 1) + ["completion"] * (length - length // 2)
+        seqs.append(TokenSequence(f"s{i}", "c", ids, roles))
+    extract_activations(adapter, tokenizer, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=2)
+    return ActivationCache(folder), seqs
 
 
 def stories_cache(adapter, tokenizer, stories_dir, folder: Path) -> ActivationCache:

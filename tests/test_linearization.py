@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.activations import ActivationCache, TokenSequence, extract_activations
+from layerscope.activations import ActivationCache, extract_activations
 from layerscope.adapter import load_model, load_tokenizer
 from layerscope.linearization import (
     fit_order, jacobian_spectral_norm, linearization, linearization_gap, sample_sequences,
 )
+from cache_helpers import random_token_cache
 
 EPS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PARAMS = dict(eps=[0.01, 0.03, 0.1, 0.3], ref_eps=0.1, perturb="token", n_sequences=2, tokens_per_sequence=2,
@@ -158,15 +159,7 @@ def test_power_iteration_on_a_nonlinear_function_matches_the_explicit_jacobian()
 
 
 def _cache(adapter, tok, folder, n=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for i in range(n):
-        length = 9 + 2 * i
-        ids = [1] + torch.randint(3, adapter.facts.vocab_size, (length - 1,), generator=g).tolist()
-        roles = ["template"] + ["prompt"] * (length // 2 - 1) + ["completion"] * (length - length // 2)
-        seqs.append(TokenSequence(f"s{i}", "c", ids, roles))
-    extract_activations(adapter, tok, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=2)
-    return ActivationCache(folder)
+    return random_token_cache(adapter, tok, folder, n=n, first_length=9, step=2, seed=seed)[0]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from layerscope.quantization import (
     WeightEditor, allocate, fake_quantize, group_scales, qmax, quantization, weights_digest,
 )
 from layerscope.surgery import LossEvaluator
+from cache_helpers import random_token_cache
 from tiny_models import tiny_configs, tiny_model
 
 PARAMS = dict(bits=[2, 3, 4, 6, 8], group_size=32, sensitivity_bits=3, matrix_types=True, uniform_bits=[4, 8],
@@ -33,15 +34,7 @@ def one_thread():
 
 
 def _cache(adapter, tok, folder, n=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for i in range(n):
-        length = 10 + 3 * i
-        ids = [1] + torch.randint(3, adapter.facts.vocab_size, (length - 1,), generator=g).tolist()
-        roles = ["template"] + ["prompt"] * (length // 2 - 1) + ["completion"] * (length - length // 2)
-        seqs.append(TokenSequence(f"s{i}", "c", ids, roles))
-    extract_activations(adapter, tok, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=2)
-    return ActivationCache(folder)
+    return random_token_cache(adapter, tok, folder, n=n, first_length=10, step=3, seed=seed)[0]
 
 
 def _story_cache(adapter, tok, folder, n=5):

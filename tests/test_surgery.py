@@ -9,21 +9,14 @@ import torch
 from layerscope.activations import ActivationCache, TokenSequence, extract_activations
 from layerscope.adapter import load_model, load_tokenizer
 from layerscope.surgery import LossEvaluator, cached_prefix, skip, swap
+from cache_helpers import random_token_cache
 from tiny_models import tiny_configs
 
 DECODERS = [f for f in tiny_configs() if f != "bert"]
 
 
 def _cache(adapter, tok, folder, seed=0, n=5):
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for i in range(n):
-        length = 8 + 4 * i
-        ids = [1] + torch.randint(3, adapter.facts.vocab_size, (length - 1,), generator=g).tolist()
-        roles = ["template"] + ["prompt"] * (length // 2 - 1) + ["completion"] * (length - length // 2)
-        seqs.append(TokenSequence(f"s{i}", "c", ids, roles))
-    extract_activations(adapter, tok, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=2)
-    return ActivationCache(folder), seqs
+    return random_token_cache(adapter, tok, folder, n=n, first_length=8, step=4, seed=seed)
 
 
 def _reference_loss(adapter, seqs, sequence):

@@ -287,6 +287,10 @@ class LossEvaluator:
         elif problem and layout == "auto":
             log.info("packing unavailable (%s): padded batches", problem)
 
+    def provenance(self) -> dict:
+        """What the losses are computed on, for a summary: prompts, completion tokens, layout."""
+        return {"n_prompts": len(self.prompts), "n_tokens": int(self.n_targets), "layout": self.layout}
+
     # ------------------------------------------------------------------ layouts
 
     def _padded_groups(self) -> list[_Group]:
