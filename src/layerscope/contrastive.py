@@ -32,7 +32,6 @@ import contextlib
 import copy
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,12 +43,11 @@ from . import LayerscopeError
 from .generate import encode_prompts, uses_chat_template
 from .io import output_getter, sha256_json, write_json, write_parquet
 from .lens import Readout, first_true, stays_true_from
-from .prompts import Prompt
+from .prompts import ID_PATTERN, Prompt
 
 log = logging.getLogger(__name__)
 
 RELATIONS = ("synonym", "antonym", "style", "unrelated")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 GROUP_KEYS = ("id", "prompt", "anchor", "completions")
 TOP_KEYS = ("name", "description", "relations", "groups")
 
@@ -99,7 +97,7 @@ def load_groups(path: str | Path, *, limit: int | None = None) -> ContrastiveSet
         raise ContrastiveGroupsError(f"{where}: unknown key(s) {extra}; allowed: {list(TOP_KEYS)}")
     relations = data.get("relations", list(RELATIONS))
     if (not isinstance(relations, list) or not relations or len(set(relations)) != len(relations)
-            or not all(isinstance(r, str) and _ID.match(r) for r in relations)):
+            or not all(isinstance(r, str) and ID_PATTERN.match(r) for r in relations)):
         raise ContrastiveGroupsError(f"{where}: 'relations' must be a non-empty list of distinct names, got {relations!r}")
     groups = data.get("groups")
     if not isinstance(groups, list) or not groups:
@@ -117,7 +115,7 @@ def load_groups(path: str | Path, *, limit: int | None = None) -> ContrastiveSet
         if missing or unknown:
             raise ContrastiveGroupsError(f"{label}: missing key(s) {missing}, unknown key(s) {unknown}")
         gid = group["id"]
-        if not isinstance(gid, str) or not _ID.match(gid):
+        if not isinstance(gid, str) or not ID_PATTERN.match(gid):
             raise ContrastiveGroupsError(f"{label}: id must be a slug (letters, digits, '._-'), got {gid!r}")
         if gid in seen:
             raise ContrastiveGroupsError(f"{label}: duplicate id {gid!r}")

@@ -26,7 +26,7 @@ from pathlib import Path
 from . import LayerscopeError
 from .io import sha256_json
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # ids in prompt and input files
 REQUIRED_FIELDS = ("id", "category", "text")
 OPTIONAL_FIELDS = ("answer", "lang", "pair")
 TOP_LEVEL_FIELDS = ("name", "description", "prompts", "categories")
@@ -192,7 +192,7 @@ def load_prompt_set(path: str | Path, *, limit: int | None = None) -> PromptSet:
         for key in REQUIRED_FIELDS:
             if not isinstance(item[key], str) or not item[key].strip():
                 raise PromptSetError(f"{label}: '{key}' must be a non-empty string")
-        if not _ID.match(item["id"]):
+        if not ID_PATTERN.match(item["id"]):
             raise PromptSetError(f"{label}: id must use only letters, digits, '.', '_' and '-'")
         if item["id"] in seen:
             raise PromptSetError(f"{label}: duplicate id {item['id']!r}")
