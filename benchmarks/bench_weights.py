@@ -41,8 +41,8 @@ import torch
 threads = int(sys.argv[3])
 torch.set_num_threads(threads)
 variant_is_naive = sys.argv[2].startswith("naive")
-from layerscope.adapter import load_model
-import layerscope.activations as activations
+from layerscope.model.adapter import load_model
+import layerscope.data.activations as activations
 
 def rss_mb():
     with open("/proc/self/status") as f:
@@ -57,9 +57,9 @@ activations.ActivationCache = forbidden
 import numpy as np, pandas as pd
 import gc
 if not variant_is_naive:
-    from layerscope.weights import return_large_frees_to_the_os
+    from layerscope.engines.weights import return_large_frees_to_the_os
     return_large_frees_to_the_os()  # as the workflow's stage functions do
-import layerscope.weight_spectra, layerscope.weight_topology, layerscope.plotting  # imports before the baseline
+import layerscope.experiments.weights.weight_spectra, layerscope.experiments.weights.weight_topology, layerscope.report.plotting  # imports before the baseline
 del load_model(sys.argv[1], dtype="float32", device="cpu").model  # warm-up: transformers' lazy imports
 gc.collect()
 base = rss_mb()
@@ -68,16 +68,16 @@ adapter = load_model(sys.argv[1], dtype="float32", device="cpu")
 model_bytes = sum(p.numel() * 4 for p in adapter.model.parameters())
 after_load = rss_mb()
 variant, out = sys.argv[2], sys.argv[4]
-from layerscope.weights import weight_inventory, WeightSource
+from layerscope.engines.weights import weight_inventory, WeightSource
 if variant == "weight_spectra":
-    from layerscope.weight_spectra import weight_spectra, write_outputs
+    from layerscope.experiments.weights.weight_spectra import weight_spectra, write_outputs
     result = weight_spectra(adapter, model="bench")
     write_outputs(result, {k: f"{out}/{k}" for k in ("metrics", "singular_values", "jumps", "summary")}
                   | {"rank_ratio": f"{out}/r.png", "spectra": f"{out}/s.png"})
     check = {"n_matrices": result.summary["n_matrices"],
              "erank_ratio_q": round(result.summary["entropy_effective_rank_ratio_q"], 6)}
 elif variant == "weight_topology":
-    from layerscope.weight_topology import weight_topology, write_outputs
+    from layerscope.experiments.weights.weight_topology import weight_topology, write_outputs
     result = weight_topology(adapter, model="bench")
     names = ["metrics", "sparsity", "qk", "qk_spectra", "neurons", "cross_layer", "norm_scales", "position", "summary"]
     write_outputs(result, {k: f"{out}/t_{k}" for k in names}

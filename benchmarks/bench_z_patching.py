@@ -33,11 +33,11 @@ def main() -> None:
 
     import torch
 
-    from layerscope.adapter import load_model, load_tokenizer
-    from layerscope.generate import encode_prompts, stop_token_ids
-    from layerscope.prompts import load_prompt_set, zh_en_pairs
-    from layerscope.z_mask import z_mask
-    from layerscope.z_patching import generate_patched, pair_patches
+    from layerscope.model.adapter import load_model, load_tokenizer
+    from layerscope.model.generate import encode_prompts, stop_token_ids
+    from layerscope.data.prompts import load_prompt_set, zh_en_pairs
+    from layerscope.experiments.z_subspace.z_mask import z_mask
+    from layerscope.experiments.z_subspace.z_patching import generate_patched, pair_patches
 
     torch.set_num_threads(args.threads)
     adapter, tok = load_model(args.model_dir), load_tokenizer(args.model_dir)

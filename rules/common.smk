@@ -1,12 +1,12 @@
 # Helpers shared by every rule: the validated config and functions of wildcards.
-# The logic lives in the library (layerscope.config); these wrappers only bind the config.
+# The logic lives in the library (layerscope.jobs.config); these wrappers only bind the config.
 
 import re
 import sys
 from pathlib import Path
 
-from layerscope import paths
-from layerscope import config as lsconfig
+from layerscope.jobs import paths
+from layerscope.jobs import config as lsconfig
 
 try:
     _validated = lsconfig.validate_config(

@@ -9,9 +9,9 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
-from layerscope.activations import ActivationCache, TokenSequence, extract_activations, sequences_from_completions
-from layerscope.generate import generate_completions
-from layerscope.prompts import Prompt, PromptSet
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations, sequences_from_completions
+from layerscope.model.generate import generate_completions
+from layerscope.data.prompts import Prompt, PromptSet
 
 PROMPTS = PromptSet("geo", (
     Prompt("a1", "story", "Once upon a time, there was a little girl"),

@@ -28,7 +28,7 @@ def stories_dir(tmp_path_factory) -> Path:
     """stories260K as a Hugging Face folder: from ../shared, else its GGUF from the hub (network)."""
     if (STORIES_DIR / "model.safetensors").is_file():
         return STORIES_DIR
-    from layerscope.prepare import prepare_model
+    from layerscope.model.prepare import prepare_model
 
     try:
         from huggingface_hub import hf_hub_download
@@ -43,7 +43,7 @@ def stories_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stories(stories_dir):
-    from layerscope.adapter import load_model, load_tokenizer
+    from layerscope.model.adapter import load_model, load_tokenizer
 
     return load_model(stories_dir, dtype="float32"), load_tokenizer(stories_dir)
 

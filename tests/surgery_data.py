@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from layerscope.activations import ActivationCache, extract_activations, sequences_from_completions
-from layerscope.generate import generate_completions
-from layerscope.prompts import Prompt, PromptSet
+from layerscope.data.activations import ActivationCache, extract_activations, sequences_from_completions
+from layerscope.model.generate import generate_completions
+from layerscope.data.prompts import Prompt, PromptSet
 
 STORY_PROMPTS = (
     "Once upon a time, there was a little girl named Lily. She loved to",

@@ -7,12 +7,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from layerscope.activations import (
+from layerscope.data.activations import (
     ActivationCache, extract_activations, sequences_from_completions, sequences_from_prompts,
 )
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.generate import generate_completions
-from layerscope.prompts import Prompt, PromptSet
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.model.generate import generate_completions
+from layerscope.data.prompts import Prompt, PromptSet
 
 PROMPTS = PromptSet("t", (
     Prompt("a", "story", "Once upon a time, there was a little girl"),

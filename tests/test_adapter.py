@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.adapter import (
+from layerscope.model.adapter import (
     ModelAdapter, UnsupportedArchitecture, check_supported, load_model, supported_model_types,
 )
 from tiny_models import tiny_configs, tiny_model

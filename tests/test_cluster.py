@@ -57,7 +57,7 @@ def reference(tmp_path_factory, models):
 
 HOLDER = """
 import sys, time, types
-from layerscope.runtime import job
+from layerscope.jobs.runtime import job
 with job(types.SimpleNamespace(log=[sys.argv[1]], threads=1, rule="holder"), gpu=True):
     time.sleep(600)
 """
@@ -150,7 +150,7 @@ def test_concurrent_gpu_jobs_share_two_devices_safely(tmp_path, models, referenc
         f"with --resources gpu=2 and both devices free, no job should wait for a lease\n{timeline}"
 
     # both devices are free again: nothing leaked
-    check = subprocess.run([sys.executable, "-c", "from layerscope.devices import lease_device as l; "
+    check = subprocess.run([sys.executable, "-c", "from layerscope.jobs.devices import lease_device as l; "
                             "a = l(timeout_s=2); b = l(timeout_s=2); print(a.name, b.name)"],
                            env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
     assert check.stdout.split() == ["sim0", "sim1"], check.stderr

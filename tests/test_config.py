@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from layerscope import config as lsconfig
-from layerscope.config import ConfigError, validate_config
+from layerscope.jobs import config as lsconfig
+from layerscope.jobs.config import ConfigError, validate_config
 
 SCHEMA = REPO / lsconfig.SCHEMA_FILE
 

@@ -12,13 +12,13 @@ import torch
 
 from conftest import REPO
 from layerscope import LayerscopeError
-from layerscope.activations import ActivationCache, TokenSequence, extract_activations
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.contrastive import (
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.experiments.geometry.contrastive import (
     RELATIONS, ContrastiveGroupsError, common_prefix_length, contrastive, crossover, encode_groups, force_decode,
     load_groups, shared_prefix, write_outputs,
 )
-from layerscope.lens import Readout
+from layerscope.experiments.lens.logit_lens import Readout
 from tiny_models import tiny_configs
 
 GROUPS = REPO / "resources" / "contrastive" / "groups.json"

@@ -13,8 +13,8 @@ from scipy.stats import ortho_group
 
 from conftest import REPO, save_tiny_model
 from layerscope import LayerscopeError
-from layerscope import config as lsconfig
-from layerscope.cross_model import (
+from layerscope.jobs import config as lsconfig
+from layerscope.experiments.cross_model.cross_model import (
     cka_from_grams, cka_matrix, cross_model_cka, gram, hsic_unbiased, linear_cka, procrustes_alignment,
     run_cross_model_procrustes, shared_vocabulary,
 )
@@ -94,9 +94,9 @@ PROMPTS = ["Once upon a time there was a girl", "The dog ran to the park", "A bi
 
 def make_cache(model_dir, folder, order=None, prompts=PROMPTS):
     """An activation cache of the prompts (ids p0, p1, … by their position in ``prompts``), in ``order``."""
-    from layerscope.activations import ActivationCache, extract_activations, sequences_from_prompts
-    from layerscope.adapter import load_model, load_tokenizer
-    from layerscope.prompts import Prompt
+    from layerscope.data.activations import ActivationCache, extract_activations, sequences_from_prompts
+    from layerscope.model.adapter import load_model, load_tokenizer
+    from layerscope.data.prompts import Prompt
 
     adapter, tok = load_model(model_dir), load_tokenizer(model_dir)
     order = range(len(prompts)) if order is None else order
@@ -192,7 +192,7 @@ def test_procrustes_split_is_seeded(stories):
 
 
 def test_procrustes_between_prepared_models_sharing_or_not_a_tokenizer(stories_dir, tmp_path):
-    from layerscope.adapter import load_tokenizer
+    from layerscope.model.adapter import load_tokenizer
 
     tiny = save_tiny_model("llama", tmp_path / "tiny", stories_dir)  # stories' tokenizer, width 32
     out = {"summary": tmp_path / "s.json", "metrics": tmp_path / "m.parquet"}
@@ -240,7 +240,7 @@ def test_pair_runs_and_their_summary_paths():
 
 
 def test_pair_summary_paths_are_labelled_in_the_cross_model_table():
-    from layerscope.report import parse_summary_path
+    from layerscope.report.pages import parse_summary_path
 
     assert parse_summary_path("results/cross_model/cka/core/a/b/summary.json") == {
         "model": "a vs b", "prompt_set": "core", "experiment": "cross_model/cka"}

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from cache_helpers import stories_cache, synthetic_cache
 from layerscope import LayerscopeError
-from layerscope.delta_svd import delta_svd, phase_assignment, write_outputs
+from layerscope.experiments.geometry.delta_svd import delta_svd, phase_assignment, write_outputs
 
 
 @pytest.fixture(scope="module")

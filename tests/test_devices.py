@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from layerscope.devices import lease_device
+from layerscope.jobs.devices import lease_device
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def test_distinct_devices_then_wait_then_reuse(two_gpus):
 def test_a_killed_job_releases_its_device(two_gpus):
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import time; from layerscope.devices import lease_device\n"
+         "import time; from layerscope.jobs.devices import lease_device\n"
          "l1 = lease_device(); l2 = lease_device(); print(l1.name, l2.name, flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     try:
@@ -67,7 +67,7 @@ def test_no_gpu_means_cpu(monkeypatch):
 @pytest.fixture
 def cuda_build(monkeypatch):
     """Pretend torch was built with CUDA and that every visible device works (the CPU CI has no GPU)."""
-    from layerscope import devices
+    from layerscope.jobs import devices
 
     monkeypatch.setattr(devices, "torch_has_gpu_support", lambda: True)
     monkeypatch.setattr(devices, "_cuda_device", lambda index: torch.device(f"cuda:{index}"))
@@ -109,7 +109,7 @@ def test_a_multi_gpu_slurm_allocation_is_leased_per_job(monkeypatch, tmp_path, c
 
 def test_visible_gpus_without_a_gpu_torch_build_fall_back_to_cpu(monkeypatch, tmp_path, caplog):
     """A scheduler may hand a CPU-only torch a GPU (a GPU partition, a CPU build): run on the CPU, not crash."""
-    from layerscope import devices
+    from layerscope.jobs import devices
 
     monkeypatch.setattr(devices, "torch_has_gpu_support", lambda: False)
     monkeypatch.delenv("LAYERSCOPE_SIMULATED_GPUS", raising=False)
@@ -121,7 +121,7 @@ def test_visible_gpus_without_a_gpu_torch_build_fall_back_to_cpu(monkeypatch, tm
         else:
             monkeypatch.delenv("SLURM_JOB_ID", raising=False)
         caplog.clear()
-        with caplog.at_level("INFO", logger="layerscope.devices"):
+        with caplog.at_level("INFO", logger="layerscope.jobs.devices"):
             lease = lease_device()
         assert lease.device == torch.device("cpu") and lease.name == "cpu"
         assert "has no GPU support: running on the CPU" in caplog.text
@@ -129,7 +129,7 @@ def test_visible_gpus_without_a_gpu_torch_build_fall_back_to_cpu(monkeypatch, tm
 
 
 def test_a_leased_gpu_that_cuda_cannot_use_is_given_back(monkeypatch, tmp_path, cuda_build):
-    from layerscope import devices
+    from layerscope.jobs import devices
 
     monkeypatch.setattr(devices, "_cuda_device", lambda index: None)  # e.g. no driver on this node
     monkeypatch.setenv("LAYERSCOPE_LEASE_DIR", str(tmp_path))
@@ -145,7 +145,7 @@ def test_a_leased_gpu_that_cuda_cannot_use_is_given_back(monkeypatch, tmp_path, 
 
 
 def test_leases_and_releases_are_logged(two_gpus, caplog):
-    with caplog.at_level("INFO", logger="layerscope.devices"):
+    with caplog.at_level("INFO", logger="layerscope.jobs.devices"):
         lease = lease_device()
         lease.release()
         lease.release()  # idempotent

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import REPO
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.embedding_geometry import (
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.experiments.geometry.embedding_geometry import (
     WordListError, covariance_eigenvalues_chunked, embedding_geometry, embedding_matrices, load_word_categories,
     matrix_geometry, single_token, write_outputs,
 )

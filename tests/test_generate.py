@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.generate import encode_prompts, generate_completions, token_roles
-from layerscope.prompts import Prompt, PromptSet
+from layerscope.model.generate import encode_prompts, generate_completions, token_roles
+from layerscope.data.prompts import Prompt, PromptSet
 
 PROMPTS = PromptSet("t", (
     Prompt("p1", "story", "Once upon a time, there was a little girl"),
@@ -88,7 +88,7 @@ def test_without_chat_template_the_prompt_is_the_text_after_bos(stories):
 
 
 def test_encoders_have_no_completions(tiny_dirs):
-    from layerscope.adapter import load_model, load_tokenizer
+    from layerscope.model.adapter import load_model, load_tokenizer
 
     adapter = load_model(tiny_dirs["bert"], kind="encoder")
     with pytest.raises(LayerscopeError, match="completions need a decoder"):

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.geometry import (
+from layerscope.engines.geometry import (
     between_within_ratio, capture, cayley_menger_volume, eigen_isotropy, mean_pairwise_cosine, orthonormal_basis,
     regular_simplex_volume, subspace_overlap,
 )
-from layerscope.spectra import (
+from layerscope.engines.spectra import (
     covariance_eigenvalues, entropy_effective_rank, gram_eigh, participation_ratio, single_thread,
 )
 

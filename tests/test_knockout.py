@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.knockout import knockout, knockout_sweep, write_outputs
-from layerscope.surgery import LossEvaluator, naive_losses, skip
-from layerscope.tracing import causal_trace, restored_probabilities, trace_prompts
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.experiments.surgery.knockout import knockout, knockout_sweep, write_outputs
+from layerscope.engines.surgery import LossEvaluator, naive_losses, skip
+from layerscope.engines.tracing import causal_trace, restored_probabilities, trace_prompts
 from surgery_data import story_cache
 from test_surgery import _Reference, _reference_loss, _shared_prefix_cache
 
@@ -24,7 +24,7 @@ def story(stories, tmp_path_factory):
 
 
 def _sequences(completions):
-    from layerscope.activations import sequences_from_completions
+    from layerscope.data.activations import sequences_from_completions
 
     return sequences_from_completions(completions)
 

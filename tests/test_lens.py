@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.activations import ActivationCache, TokenSequence, extract_activations
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.lens import first_true, lens_arrays, logit_lens, stays_true_from
-from layerscope.phases import segment
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.experiments.lens.logit_lens import first_true, lens_arrays, logit_lens, stays_true_from
+from layerscope.engines.phases import segment
 from tiny_models import tiny_configs
 
 DECODERS = [f for f in tiny_configs() if f != "bert"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.activations import ActivationCache, extract_activations
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.linearization import (
+from layerscope.data.activations import ActivationCache, extract_activations
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.experiments.nonlinearity.linearization import (
     fit_order, jacobian_spectral_norm, linearization, linearization_gap, sample_sequences,
 )
 from cache_helpers import random_token_cache
@@ -253,8 +253,8 @@ def test_perturb_all_mode_and_sub_layers_of_other_families(tiny_dirs, tmp_path):
 
 
 def test_encoder_samples_prompt_tokens(tiny_dirs, tmp_path):
-    from layerscope.activations import sequences_from_prompts
-    from layerscope.prompts import Prompt
+    from layerscope.data.activations import sequences_from_prompts
+    from layerscope.data.prompts import Prompt
 
     adapter = load_model(tiny_dirs["bert"], kind="encoder")
     tok = load_tokenizer(tiny_dirs["bert"])

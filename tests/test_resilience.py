@@ -11,13 +11,13 @@ import time
 
 import pytest
 
-from layerscope.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
+from layerscope.jobs.io import atomic_dir, atomic_path, remove_stale_temporaries, write_json
 
 # a GPU job (simulated device) that writes one output and stops half-way through it
 JOB = textwrap.dedent("""
     import sys, time, types
-    from layerscope.io import atomic_path
-    from layerscope.runtime import job
+    from layerscope.jobs.io import atomic_path
+    from layerscope.jobs.runtime import job
 
     log_file, target = sys.argv[1], sys.argv[2]
     with job(types.SimpleNamespace(log=[log_file], threads=1, rule="writer"), gpu=True):

@@ -13,8 +13,8 @@ import yaml
 
 from conftest import REPO, planned_jobs, snakemake
 from layerscope import LayerscopeError
-from layerscope import config as lsconfig
-from layerscope.sensitivity_vs_linearity import sensitivity_vs_linearity
+from layerscope.jobs import config as lsconfig
+from layerscope.experiments.nonlinearity.sensitivity_vs_linearity import sensitivity_vs_linearity
 
 
 def _lin(gaps, layers=None, n_layers=None):

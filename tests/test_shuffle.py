@@ -9,11 +9,11 @@ import pytest
 from scipy.stats import kendalltau
 
 from layerscope import LayerscopeError
-from layerscope.shuffle import (
+from layerscope.experiments.surgery.shuffle import (
     METHODS, REFINERS, WEIGHT_METHODS, ShuffledModel, ShuffleParams, fiedler_order, random_permutation, recover,
     score, shortest_path, shuffle_experiment, write_outputs,
 )
-from layerscope.surgery import LossEvaluator
+from layerscope.engines.surgery import LossEvaluator
 from surgery_data import story_cache
 
 
@@ -128,7 +128,7 @@ def test_shuffle_summary_and_outputs(story_evaluator, tmp_path):
 
 def test_surgery_config_blocks_fill_defaults_and_reject_bad_values():
     from conftest import REPO
-    from layerscope import config as lsconfig
+    from layerscope.jobs import config as lsconfig
 
     def check(experiments):
         cfg = {"models": {"m1": {"source": {"type": "local", "path": "/x"}}},

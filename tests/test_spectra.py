@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.spectra import (
+from layerscope.engines.spectra import (
     condition_number, covariance_eigenvalues, dims_for_variance, entropy_effective_rank, participation_ratio, singular_values,
     stable_rank,
 )

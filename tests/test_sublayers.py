@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerscope.adapter import ModelAdapter
+from layerscope.model.adapter import ModelAdapter
 from tiny_models import tiny_configs, tiny_model
 
 FAMILIES = sorted(tiny_configs())

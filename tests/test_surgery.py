@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.activations import ActivationCache, TokenSequence, extract_activations
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.surgery import LossEvaluator, cached_prefix, skip, swap
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.engines.surgery import LossEvaluator, cached_prefix, skip, swap
 from cache_helpers import random_token_cache
 from tiny_models import tiny_configs
 
@@ -201,7 +201,7 @@ def test_prefix_sharing_computes_each_prefix_once(stories, tmp_path, monkeypatch
 
 
 def test_memo_keeps_prefix_states_across_calls(stories, tmp_path, monkeypatch):
-    from layerscope.surgery import PrefixMemo, move
+    from layerscope.engines.surgery import PrefixMemo, move
 
     adapter, tok = stories
     cache, _ = _cache(adapter, tok, tmp_path)

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from layerscope.adapter import load_model, load_tokenizer
-from layerscope.surgery import LossEvaluator, swap
-from layerscope.swap import layer_ranges, swap_experiment, swap_matrix, write_outputs, zones
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.engines.surgery import LossEvaluator, swap
+from layerscope.experiments.surgery.swap import layer_ranges, swap_experiment, swap_matrix, write_outputs, zones
 from test_surgery import _Reference, _cache, _reference_loss, _shared_prefix_cache
 
 

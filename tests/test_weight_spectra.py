@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.adapter import ModelAdapter
-from layerscope.weight_spectra import degenerate_matrices, layer_jumps, weight_spectra, write_outputs
-from layerscope.weights import weight_inventory
+from layerscope.model.adapter import ModelAdapter
+from layerscope.experiments.weights.weight_spectra import degenerate_matrices, layer_jumps, weight_spectra, write_outputs
+from layerscope.engines.weights import weight_inventory
 from tiny_models import tiny_model
 
 

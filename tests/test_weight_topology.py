@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.adapter import ModelAdapter
-from layerscope.weight_topology import (
+from layerscope.model.adapter import ModelAdapter
+from layerscope.experiments.weights.weight_topology import (
     correlation_matrix, mlp_neurons, norm_scales, position_structure, qk_circuit, qk_circuits, weight_topology,
     write_outputs,
 )
-from layerscope.weights import WeightSource, weight_inventory
+from layerscope.engines.weights import WeightSource, weight_inventory
 from tiny_models import tiny_model
 
 
@@ -182,7 +182,7 @@ def test_cross_layer_correlation_of_identical_layers_is_one():
 
 
 def test_sparsity_counts_are_independent_of_the_row_blocks():
-    from layerscope.weight_topology import sparsity
+    from layerscope.experiments.weights.weight_topology import sparsity
 
     adapter = ModelAdapter(tiny_model("gpt2"))  # Conv1D: transposed, strided matrices
     source = WeightSource(adapter)

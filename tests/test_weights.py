@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.adapter import ModelAdapter
-from layerscope.weights import MODEL_TYPES, WeightSource, numel, parallel_map, weight_inventory
+from layerscope.model.adapter import ModelAdapter
+from layerscope.engines.weights import MODEL_TYPES, WeightSource, numel, parallel_map, weight_inventory
 from tiny_models import tiny_configs, tiny_model
 
 FAMILIES = list(tiny_configs())

@@ -67,7 +67,7 @@ def first_run(tmp_path_factory, models):
 
 
 def test_every_target_is_built(first_run):
-    from layerscope import config as lsconfig
+    from layerscope.jobs import config as lsconfig
 
     cfg = lsconfig.validate_config(yaml.safe_load((first_run / "config.yaml").read_text()),
                                    REPO / lsconfig.SCHEMA_FILE, base_dir=first_run)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.activations import extract_activations, sequences_from_completions
-from layerscope.adapter import load_model
-from layerscope.generate import generate_completions, stop_token_ids
-from layerscope.paired_states import PairedStates
-from layerscope.prompts import PromptSetError, load_prompt_set, zh_en_pairs
+from layerscope.data.activations import extract_activations, sequences_from_completions
+from layerscope.model.adapter import load_model
+from layerscope.model.generate import generate_completions, stop_token_ids
+from layerscope.data.paired_states import PairedStates
+from layerscope.data.prompts import PromptSetError, load_prompt_set, zh_en_pairs
 from tiny_models import tiny_configs
 
 from conftest import REPO
@@ -45,7 +45,7 @@ PAIRS = {"prompts": [
 @pytest.fixture(scope="module")
 def paired(tmp_path_factory, stories):
     """stories260K's activation cache of the four tiny pairs, and its Z-mask at layers 1 and 3."""
-    from layerscope.z_mask import z_mask
+    from layerscope.experiments.z_subspace.z_mask import z_mask
 
     adapter, tok = stories
     root = tmp_path_factory.mktemp("paired")
@@ -120,7 +120,7 @@ def test_zh_en_pairs_needs_whole_zh_en_pairs(tmp_path):
 
 
 def test_config_refuses_an_unpaired_prompt_set_for_the_suite():
-    from layerscope import config as lsconfig
+    from layerscope.jobs import config as lsconfig
 
     cfg = {
         "models": {"m": {"source": {"type": "local", "path": "/x"}}},
@@ -144,7 +144,7 @@ def test_config_refuses_an_unpaired_prompt_set_for_the_suite():
 
 
 def test_layer_and_k_specs():
-    from layerscope.z_mask import ZMaskError, resolve_ks, resolve_layers
+    from layerscope.experiments.z_subspace.z_mask import ZMaskError, resolve_ks, resolve_layers
 
     assert resolve_layers([0.89, 0.92], 36) == [32, 33]  # the seed's layers of Qwen2.5-3B
     assert resolve_layers([0.89, 0.92], 30) == [27, 28]
@@ -160,7 +160,7 @@ def test_layer_and_k_specs():
 
 
 def test_qk_svd_equals_the_dense_svd():
-    from layerscope.z_mask import qk_svd
+    from layerscope.experiments.z_subspace.z_mask import qk_svd
 
     g = torch.Generator().manual_seed(0)
     wq, wk = torch.randn(8, 40, generator=g, dtype=torch.float64), torch.randn(8, 40, generator=g, dtype=torch.float64)
@@ -177,7 +177,7 @@ def test_qk_svd_equals_the_dense_svd():
 
 @pytest.mark.parametrize("family", ["stories", "qwen2", "gemma", "gpt2", "phi3"])
 def test_head_circuits_map_gqa_heads_to_their_kv_head(family, stories_dir, tiny_dirs):
-    from layerscope.z_mask import head_circuits
+    from layerscope.experiments.z_subspace.z_mask import head_circuits
 
     adapter = load_model(stories_dir if family == "stories" else tiny_dirs[family])
     f = adapter.facts
@@ -196,7 +196,7 @@ def test_head_circuits_map_gqa_heads_to_their_kv_head(family, stories_dir, tiny_
 
 def test_z_basis_is_the_top_eigenspace_of_the_summed_head_projectors(stories):
     """V_Z from the stacked SVD equals the top-k eigenvectors of Σ_h V_hᵀ V_h (independent computation)."""
-    from layerscope.z_mask import head_circuits, projector, z_basis
+    from layerscope.experiments.z_subspace.z_mask import head_circuits, projector, z_basis
 
     adapter, _ = stories
     circuits = head_circuits(adapter, 2)
@@ -211,7 +211,7 @@ def test_z_basis_is_the_top_eigenspace_of_the_summed_head_projectors(stories):
 
 
 def test_projectors_are_complementary_orthogonal_projectors(paired):
-    from layerscope.z_mask import complement_projector, projector
+    from layerscope.experiments.z_subspace.z_mask import complement_projector, projector
 
     _, mask = paired
     d = mask.d_model
@@ -231,7 +231,7 @@ def test_projectors_are_complementary_orthogonal_projectors(paired):
 
 
 def test_random_control_is_seeded_and_differs_from_z(paired):
-    from layerscope.z_mask import random_basis
+    from layerscope.experiments.z_subspace.z_mask import random_basis
 
     _, mask = paired
     again = random_basis(64, 16, seed=3, layer=1)
@@ -243,7 +243,7 @@ def test_random_control_is_seeded_and_differs_from_z(paired):
 
 
 def test_mask_file_round_trip_and_mismatch(paired, tmp_path):
-    from layerscope.z_mask import ZMask, ZMaskError
+    from layerscope.experiments.z_subspace.z_mask import ZMask, ZMaskError
 
     _, mask = paired
     mask.save(tmp_path / "m.safetensors")
@@ -258,7 +258,7 @@ def test_mask_file_round_trip_and_mismatch(paired, tmp_path):
 
 
 def test_z_mask_summary(stories):
-    from layerscope.z_mask import z_mask
+    from layerscope.experiments.z_subspace.z_mask import z_mask
 
     adapter, _ = stories
     result = z_mask(adapter, model="s", layers=[0.89, 0.92, 2], k=[8, 100])
@@ -274,7 +274,7 @@ def test_z_mask_summary(stories):
 
 
 def test_separation_against_a_plain_loop(paired):
-    from layerscope.z_separation import z_separation
+    from layerscope.experiments.z_subspace.z_separation import z_separation
 
     states, mask = paired
     result = z_separation(states, mask, model="s", prompt_set="p")
@@ -309,7 +309,7 @@ def test_pooled_states_are_means_over_the_problem_text(paired):
 
 
 def test_update_decomposition_against_a_plain_loop(paired):
-    from layerscope.update_decomposition import chance_ratio, update_decomposition
+    from layerscope.experiments.z_subspace.update_decomposition import chance_ratio, update_decomposition
 
     states, mask = paired
     result = update_decomposition(states, mask, model="s", prompt_set="p")
@@ -331,8 +331,8 @@ def test_update_decomposition_against_a_plain_loop(paired):
 
 def test_random_subspace_ratio_matches_its_expectation():
     """For isotropic updates a random k-subspace gets R ≈ √(k/(d−k))."""
-    from layerscope.update_decomposition import chance_ratio, ratio_curve
-    from layerscope.z_mask import random_basis
+    from layerscope.experiments.z_subspace.update_decomposition import chance_ratio, ratio_curve
+    from layerscope.experiments.z_subspace.z_mask import random_basis
 
     g = torch.Generator().manual_seed(0)
     updates = torch.randn(3, 400, 128, generator=g, dtype=torch.float64)
@@ -344,7 +344,7 @@ def test_random_subspace_ratio_matches_its_expectation():
 
 
 def test_ot_plan_marginals_and_identity_coupling():
-    from layerscope.z_patching import ot_plan, transported_sources
+    from layerscope.experiments.z_subspace.z_patching import ot_plan, transported_sources
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
@@ -396,8 +396,8 @@ def _blockwise_patched_logits(adapter, ids, layer, positions, source, kind, basi
 
 @pytest.mark.parametrize("family", ["stories", "qwen2", "gpt2"])
 def test_patched_forward_equals_a_blockwise_computation(family, stories_dir, tiny_dirs):
-    from layerscope.z_mask import random_basis
-    from layerscope.z_patching import Patch, patched_logits
+    from layerscope.experiments.z_subspace.z_mask import random_basis
+    from layerscope.experiments.z_subspace.z_patching import Patch, patched_logits
 
     adapter = load_model(stories_dir if family == "stories" else tiny_dirs[family])
     d = adapter.facts.d_model
@@ -435,7 +435,7 @@ def _own_states(adapter, ids, layer):
 
 
 def test_patching_with_own_states_reproduces_the_unpatched_model_exactly(paired, stories):
-    from layerscope.z_patching import Patch, generate_patched, patched_logits
+    from layerscope.experiments.z_subspace.z_patching import Patch, generate_patched, patched_logits
 
     adapter, tok = stories
     states, mask = paired
@@ -454,14 +454,14 @@ def test_patching_with_own_states_reproduces_the_unpatched_model_exactly(paired,
     with torch.no_grad():
         ref = adapter.model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
                                      pad_token_id=0, eos_token_id=stops)[0, len(prompt):].tolist()
-    from layerscope.generate import _cut
+    from layerscope.model.generate import _cut
 
     assert all(g == _cut(ref, set(stops), 8)[0] for g in gen)
     assert states.cached_completion(pair.en.id)[:5] == gen[0][:5]
 
 
 def test_z_patching_with_k_equal_d_is_full_patching(paired, stories):
-    from layerscope.z_patching import Patch, generate_patched, patched_logits
+    from layerscope.experiments.z_subspace.z_patching import Patch, generate_patched, patched_logits
 
     adapter, tok = stories
     states, mask = paired
@@ -483,7 +483,7 @@ def test_z_patching_with_k_equal_d_is_full_patching(paired, stories):
 
 
 def test_positions_all_patches_every_generated_token(paired, stories):
-    from layerscope.z_patching import PatchHooks, pair_patches
+    from layerscope.experiments.z_subspace.z_patching import PatchHooks, pair_patches
 
     adapter, tok = stories
     states, mask = paired
@@ -516,7 +516,7 @@ def test_positions_all_patches_every_generated_token(paired, stories):
 
 
 def test_z_patching_outputs(paired, stories):
-    from layerscope.z_patching import z_patching
+    from layerscope.experiments.z_subspace.z_patching import z_patching
 
     adapter, tok = stories
     states, mask = paired
@@ -546,7 +546,7 @@ def test_z_patching_outputs(paired, stories):
 
 
 def test_answer_extraction_and_language():
-    from layerscope.z_patching import cjk_fraction, extract_answer, language
+    from layerscope.experiments.z_subspace.z_patching import cjk_fraction, extract_answer, language
 
     assert extract_answer("First 3 + 4 = 7, so the answer is 1,500 apples.") == 1500
     assert extract_answer("答案是１２个。") == 12  # full-width digits
@@ -562,7 +562,7 @@ def test_answer_extraction_and_language():
 
 
 def test_verdict_rules():
-    from layerscope.z_patching import mcnemar_p, verdict
+    from layerscope.experiments.z_subspace.z_patching import mcnemar_p, verdict
 
     base = dict(z_answer_change=0.8, z_language_preservation=0.9, z_perp_language_disruption=0.7,
                 z_perp_answer_change=0.1)
@@ -589,7 +589,7 @@ def _mmd_loop(x, y, ls):
 
 
 def test_unbiased_mmd_against_the_definition_and_batched():
-    from layerscope.ard_mmd import BucketedClouds, PaddedClouds, batched_mmd2, mmd2_unbiased
+    from layerscope.experiments.z_subspace.ard_mmd import BucketedClouds, PaddedClouds, batched_mmd2, mmd2_unbiased
 
     g = torch.Generator().manual_seed(0)
     clouds = [(torch.randn(6 + i, 4, generator=g, dtype=torch.float64),
@@ -606,7 +606,7 @@ def test_unbiased_mmd_against_the_definition_and_batched():
 
 
 def test_unbiased_mmd_is_zero_for_one_distribution_and_positive_for_a_shift():
-    from layerscope.ard_mmd import mmd2_unbiased
+    from layerscope.experiments.z_subspace.ard_mmd import mmd2_unbiased
 
     g = torch.Generator().manual_seed(0)
     same = [float(mmd2_unbiased(torch.randn(150, 3, generator=g), torch.randn(120, 3, generator=g), 1.5))
@@ -629,7 +629,7 @@ def one_thread():
 
 
 def test_ard_shuts_off_dimensions_without_a_difference(one_thread):
-    from layerscope.ard_mmd import BucketedClouds, median_scale, optimise, standardise
+    from layerscope.experiments.z_subspace.ard_mmd import BucketedClouds, median_scale, optimise, standardise
 
     g = torch.Generator().manual_seed(0)
     d, clouds = 8, []
@@ -650,7 +650,7 @@ def test_ard_shuts_off_dimensions_without_a_difference(one_thread):
 
 
 def test_ard_mmd_outputs(paired):
-    from layerscope.ard_mmd import ard_mmd
+    from layerscope.experiments.z_subspace.ard_mmd import ard_mmd
 
     states, mask = paired
     result = ard_mmd(states, mask, model="s", prompt_set="p", lambdas=[0.01, 0.1], steps=30, lr=0.05, warm_start_k=16)
@@ -665,7 +665,7 @@ def test_ard_mmd_outputs(paired):
 
 
 def test_overlap_with_energy():
-    from layerscope.ard_mmd import overlap_with_energy, warm_start
+    from layerscope.experiments.z_subspace.ard_mmd import overlap_with_energy, warm_start
 
     energy = np.array([0.9, 0.8, 0.1, 0.05, 0.0])
     assert overlap_with_energy(np.array([1, 1, 0, 0, 0], bool), energy) == 1.0
@@ -679,7 +679,7 @@ def test_overlap_with_energy():
 
 
 def test_bridge_recovers_a_planted_rotation():
-    from layerscope.bridge import bridge_fit
+    from layerscope.experiments.z_subspace.bridge import bridge_fit
 
     rng = np.random.default_rng(0)
     k, n = 6, 20
@@ -693,13 +693,13 @@ def test_bridge_recovers_a_planted_rotation():
         assert fit.orthogonality_error < 1e-10
         np.testing.assert_allclose(fit.singular_values, 1.0, atol=1e-10)
         assert fit.loo_r2_shuffled < 0.5
-    from layerscope.bridge import fit_bridge
+    from layerscope.experiments.z_subspace.bridge import fit_bridge
 
     np.testing.assert_allclose(fit_bridge(x, x @ rot, 0).w, rot, atol=1e-10)
 
 
 def test_bridge_loo_is_low_for_noise_and_matches_the_closed_form():
-    from layerscope.bridge import bridge_fit, loo_predictions
+    from layerscope.experiments.z_subspace.bridge import bridge_fit, loo_predictions
 
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((25, 5)), rng.standard_normal((25, 5))
@@ -720,7 +720,7 @@ def test_bridge_loo_is_low_for_noise_and_matches_the_closed_form():
 
 
 def test_bridge_on_the_cache(paired):
-    from layerscope.bridge import bridge
+    from layerscope.experiments.z_subspace.bridge import bridge
 
     states, mask = paired
     result = bridge(states, mask, model="s", prompt_set="p", ridge=[0, 0.1, 1])
@@ -735,7 +735,7 @@ def test_bridge_on_the_cache(paired):
 
 
 def test_model_report_groups_the_suite_into_one_section(tmp_path):
-    from layerscope.report import model_report
+    from layerscope.report.pages import model_report
 
     paths = []
     for where, exp in (("m/core", "logit_lens"), ("m", "z_mask"), ("m/zh", "z_separation"), ("m/zh", "z_patching")):

@@ -1,7 +1,7 @@
 """ard_mmd: ARD-RBF lengthscales that separate each pair's zh and en token clouds (GPU when leased)."""
 
-from layerscope.ard_mmd import run_ard_mmd
-from layerscope.runtime import job
+from layerscope.experiments.z_subspace.ard_mmd import run_ard_mmd
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.z["seed"]) as ctx:
     run_ard_mmd(

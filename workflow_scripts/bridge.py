@@ -1,7 +1,7 @@
 """bridge: ridge regression from English to Chinese coordinates in Z, with leave-one-out R²."""
 
-from layerscope.bridge import run_bridge
-from layerscope.runtime import job
+from layerscope.experiments.z_subspace.bridge import run_bridge
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.z["seed"]):
     run_bridge(

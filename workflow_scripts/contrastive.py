@@ -1,7 +1,7 @@
 """contrastive: trajectories of force-decoded contrastive completions."""
 
-from layerscope.contrastive import run_contrastive
-from layerscope.runtime import job
+from layerscope.experiments.geometry.contrastive import run_contrastive
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.contrastive["seed"]) as ctx:
     run_contrastive(

@@ -1,7 +1,7 @@
 """cross_model_cka: linear CKA between every layer of two models on a shared prompt set."""
 
-from layerscope.cross_model import run_cross_model_cka
-from layerscope.runtime import job
+from layerscope.experiments.cross_model.cross_model import run_cross_model_cka
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.cross["seed"]):
     run_cross_model_cka(

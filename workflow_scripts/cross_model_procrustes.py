@@ -1,7 +1,7 @@
 """cross_model_procrustes: orthogonal Procrustes alignment of two models' input embeddings."""
 
-from layerscope.cross_model import run_cross_model_procrustes
-from layerscope.runtime import job
+from layerscope.experiments.cross_model.cross_model import run_cross_model_procrustes
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.cross["seed"]):
     run_cross_model_procrustes(

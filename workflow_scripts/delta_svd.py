@@ -1,7 +1,7 @@
 """delta_svd: the SVD of every block's update of the cached residual stream."""
 
-from layerscope.delta_svd import run_delta_svd
-from layerscope.runtime import job
+from layerscope.experiments.geometry.delta_svd import run_delta_svd
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.delta["seed"]):
     run_delta_svd(

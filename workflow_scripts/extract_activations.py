@@ -1,7 +1,7 @@
 """extract_activations: the residual stream at every block boundary, streamed to disk."""
 
-from layerscope.pipeline import run_extract
-from layerscope.runtime import job
+from layerscope.jobs.pipeline import run_extract
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True) as ctx:
     run_extract(

@@ -1,7 +1,7 @@
 """generate_completions: greedy completions of one prompt set by one model."""
 
-from layerscope.pipeline import run_generate
-from layerscope.runtime import job
+from layerscope.jobs.pipeline import run_generate
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.gen["seed"]) as ctx:
     run_generate(

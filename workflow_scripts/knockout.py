@@ -1,7 +1,7 @@
 """knockout: layer surgery through the loss evaluator (a GPU job: it runs model blocks)."""
 
-from layerscope.pipeline import run_knockout
-from layerscope.runtime import job
+from layerscope.jobs.pipeline import run_knockout
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.knockout["seed"]) as ctx:
     run_knockout(

@@ -1,7 +1,7 @@
 """linearization: linearization gap, order, magnitude and Jacobian norm of every block and sub-layer."""
 
-from layerscope.linearization import run_linearization
-from layerscope.runtime import job
+from layerscope.experiments.nonlinearity.linearization import run_linearization
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.lin["seed"]) as ctx:
     run_linearization(

@@ -1,7 +1,7 @@
 """logit_lens: per-layer read-outs of the cached residual stream."""
 
-from layerscope.pipeline import run_logit_lens
-from layerscope.runtime import job
+from layerscope.jobs.pipeline import run_logit_lens
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.lens["seed"]):
     run_logit_lens(

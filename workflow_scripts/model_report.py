@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from layerscope.paths import MODEL_MANIFEST
-from layerscope.report import model_report
-from layerscope.runtime import job
+from layerscope.jobs.paths import MODEL_MANIFEST
+from layerscope.report.pages import model_report
+from layerscope.jobs.runtime import job
 
 with job(snakemake):
     model_report(

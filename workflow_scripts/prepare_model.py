@@ -1,7 +1,7 @@
 """prepare_model: fetch/convert one model into resources/models/{model}/."""
 
-from layerscope.prepare import prepare_model
-from layerscope.runtime import job
+from layerscope.model.prepare import prepare_model
+from layerscope.jobs.runtime import job
 
 with job(snakemake):
     spec = snakemake.params.spec

@@ -1,7 +1,7 @@
 """quantization: RTN fake-quantization sensitivity sweeps and mixed precision."""
 
-from layerscope.quantization import run_quantization
-from layerscope.runtime import job
+from layerscope.experiments.nonlinearity.quantization import run_quantization
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.quant["seed"]) as ctx:
     run_quantization(

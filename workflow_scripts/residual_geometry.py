@@ -1,7 +1,7 @@
 """residual_geometry: per-layer geometry of the cached residual stream."""
 
-from layerscope.residual_geometry import run_residual_geometry
-from layerscope.runtime import job
+from layerscope.experiments.geometry.residual_geometry import run_residual_geometry
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.geometry["seed"]):
     run_residual_geometry(

@@ -1,7 +1,7 @@
 """sensitivity_vs_linearity: Spearman ρ between per-block quantization sensitivity and linearization gap."""
 
-from layerscope.runtime import job
-from layerscope.sensitivity_vs_linearity import run_sensitivity_vs_linearity
+from layerscope.jobs.runtime import job
+from layerscope.experiments.nonlinearity.sensitivity_vs_linearity import run_sensitivity_vs_linearity
 
 with job(snakemake):
     run_sensitivity_vs_linearity(

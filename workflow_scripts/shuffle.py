@@ -1,7 +1,7 @@
 """shuffle: layer surgery through the loss evaluator (a GPU job: it runs model blocks)."""
 
-from layerscope.pipeline import run_shuffle
-from layerscope.runtime import job
+from layerscope.jobs.pipeline import run_shuffle
+from layerscope.jobs.runtime import job
 
 with job(snakemake, gpu=True, seed=snakemake.params.shuffle["seed"]) as ctx:
     run_shuffle(

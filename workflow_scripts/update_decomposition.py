@@ -1,7 +1,7 @@
 """update_decomposition: every block's pooled update split into its Z and Z⊥ parts."""
 
-from layerscope.update_decomposition import run_update_decomposition
-from layerscope.runtime import job
+from layerscope.experiments.z_subspace.update_decomposition import run_update_decomposition
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.z["seed"]):
     run_update_decomposition(

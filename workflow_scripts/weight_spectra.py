@@ -1,7 +1,7 @@
 """weight_spectra: singular-value spectra of every weight matrix (weights only)."""
 
-from layerscope.runtime import job
-from layerscope.weight_spectra import run_weight_spectra
+from layerscope.jobs.runtime import job
+from layerscope.experiments.weights.weight_spectra import run_weight_spectra
 
 with job(snakemake, seed=snakemake.params.spectra["seed"]):
     run_weight_spectra(

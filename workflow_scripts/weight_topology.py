@@ -1,7 +1,7 @@
 """weight_topology: sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions."""
 
-from layerscope.runtime import job
-from layerscope.weight_topology import run_weight_topology
+from layerscope.jobs.runtime import job
+from layerscope.experiments.weights.weight_topology import run_weight_topology
 
 with job(snakemake, seed=snakemake.params.topology["seed"]):
     run_weight_topology(

@@ -1,7 +1,7 @@
 """z_patching: en←zh subspace patching of greedy generation at the Z-mask layers."""
 
-from layerscope.runtime import job
-from layerscope.z_patching import run_z_patching
+from layerscope.jobs.runtime import job
+from layerscope.experiments.z_subspace.z_patching import run_z_patching
 
 with job(snakemake, gpu=True, seed=snakemake.params.z["seed"]) as ctx:
     run_z_patching(

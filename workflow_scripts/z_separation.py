@@ -1,7 +1,7 @@
 """z_separation: zh/en separation and energy fractions in Z, Z⊥ and a random subspace."""
 
-from layerscope.z_separation import run_z_separation
-from layerscope.runtime import job
+from layerscope.experiments.z_subspace.z_separation import run_z_separation
+from layerscope.jobs.runtime import job
 
 with job(snakemake, seed=snakemake.params.z["seed"]):
     run_z_separation(

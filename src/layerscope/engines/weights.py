@@ -1,0 +1,163 @@
+"""Every weight matrix of a model, named once: the inventory the weight experiments analyse.
+
+:func:`weight_inventory` lists each 2-D weight of the whole model exactly once — the block
+projections ``q k v o gate up down`` (fused parameters split into their row blocks, as
+:meth:`ModelAdapter.projections` does), the token embedding (``embed``), learned position
+and token-type embeddings (``position_embed``, ``token_type_embed``), the unembedding when
+it is not tied to the embedding (``unembed``) and BERT's pooler (``pooler``). A 2-D weight
+that fits none of these is still listed, as type ``other``, so nothing is silently skipped;
+the tests require that no supported family has one.
+
+Block matrices are named ``{type}.{layer}`` (``q.12``), model-level ones by their type
+(``embed``). Matrices are [out, in] for projections and [rows, d_model] for embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, TypeVar
+
+import torch
+
+from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+MODEL_TYPES = ("embed", "position_embed", "token_type_embed", "unembed", "pooler", "other")
+BLOCK_TYPES = PROJECTION_TYPES
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    """One analysed matrix: where it lives and what it is."""
+
+    name: str  # "q.3" for block matrices, the type for model-level ones
+    type: str  # a projection type or one of MODEL_TYPES
+    layer: int | None  # block index; None for model-level matrices
+    param: str  # parameter name relative to the model root
+    rows: tuple[int, ...] | slice | None = None  # output rows of a fused parameter
+    transposed: bool = False  # GPT-2 Conv1D stores [in, out]
+
+
+def _extra_embedding_type(path: str) -> str:
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf == "wpe" or "position" in leaf:
+        return "position_embed"
+    if "token_type" in leaf:
+        return "token_type_embed"
+    return "other"
+
+
+def weight_inventory(adapter: ModelAdapter) -> list[WeightMatrix]:
+    """Every 2-D weight of the model exactly once (see module docstring), in model order."""
+    model = adapter.model
+    params = dict(model.named_parameters())  # tied weights appear once
+    name_of = {id(p): n for n, p in params.items()}
+    out: list[WeightMatrix] = []
+    embed_param = name_of[id(adapter.embed.weight)]
+    out.append(WeightMatrix("embed", "embed", None, embed_param))
+    for path in adapter.family.extra_embeddings:
+        param = adapter.param_name(path) + ".weight"
+        if param in params:
+            kind = _extra_embedding_type(path)
+            out.append(WeightMatrix(kind, kind, None, param))
+    for i in range(adapter.n_layers):
+        for ref in adapter.projection_refs(i):
+            out.append(WeightMatrix(f"{ref.type}.{i}", ref.type, i, ref.param, ref.rows, ref.transposed))
+    if adapter.unembed is not None and not adapter.facts.tied_embeddings:
+        out.append(WeightMatrix("unembed", "unembed", None, name_of[id(adapter.unembed.weight)]))
+    covered = {w.param for w in out}
+    for name in adapter.linear_weight_names():
+        if name in covered:
+            continue
+        kind = "pooler" if "pooler" in name.split(".") else "other"
+        used = {w.name for w in out}
+        out.append(WeightMatrix(kind if kind == "pooler" and kind not in used else name, kind, None, name))
+    names = [w.name for w in out]
+    assert len(names) == len(set(names)), "weight names must be unique"
+    return out
+
+
+class WeightSource:
+    """Reads the matrices of an inventory from a loaded model (views where possible, no copies kept)."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+        self._params = dict(adapter.model.named_parameters(remove_duplicate=False))
+
+    def matrix(self, w: WeightMatrix) -> torch.Tensor:
+        t = self._params[w.param].detach()
+        if w.transposed:
+            t = t.T
+        if isinstance(w.rows, slice):
+            t = t[w.rows]
+        elif w.rows is not None:
+            t = t[list(w.rows)]
+        return t
+
+    def __iter__(self) -> Iterator[tuple[WeightMatrix, torch.Tensor]]:
+        for w in weight_inventory(self.adapter):
+            yield w, self.matrix(w)
+
+
+def numel(w: WeightMatrix, params: dict[str, torch.Tensor]) -> int:
+    """Elements of the parameter that the matrix covers (all of it unless it is a row block)."""
+    p = params[w.param]
+    out_dim = p.shape[1] if w.transposed else p.shape[0]
+    in_dim = p.shape[0] if w.transposed else p.shape[1]
+    if w.rows is None:
+        return p.numel()
+    n_rows = len(range(*w.rows.indices(out_dim))) if isinstance(w.rows, slice) else len(w.rows)
+    return n_rows * in_dim
+
+
+@contextlib.contextmanager
+def single_threaded_torch() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
+    """``[fn(x) for x in items]`` on ``workers`` threads (default: torch's thread count), in order.
+
+    Each item runs single-threaded (torch releases the GIL inside its kernels), so the
+    cores work on different matrices instead of synchronising inside one small LAPACK
+    call: the same total CPU time as one thread, and no spin-waiting when the machine is
+    busy. Results do not depend on the number of workers.
+    """
+    items = list(items)
+    workers = torch.get_num_threads() if workers is None else workers
+    if workers <= 1 or len(items) <= 1:
+        with single_threaded_torch():
+            return [fn(x) for x in items]
+
+    def single(x):
+        # OpenMP's thread count is per thread: a worker would otherwise start with the machine default
+        torch.set_num_threads(1)
+        return fn(x)
+
+    with single_threaded_torch(), ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(single, items))
+
+
+def return_large_frees_to_the_os(threshold: int = 4 << 20) -> bool:
+    """Serve allocations of ``threshold`` bytes or more by mmap (glibc's M_MMAP_THRESHOLD).
+
+    The weight analyses convert one matrix after another to float64 on several threads.
+    glibc otherwise raises its mmap threshold after the first large free, and each worker
+    thread's heap arena then keeps the freed copies: the process grows by hundreds of MiB
+    beyond the model. A fixed threshold returns every freed large block at once. Called by
+    the weight experiments' stage functions (one job, one process); a no-op elsewhere.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False

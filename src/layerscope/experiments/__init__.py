@@ -1,0 +1,1 @@
+"""experiments: one module per experiment, grouped by family."""

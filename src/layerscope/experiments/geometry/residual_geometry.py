@@ -1,0 +1,366 @@
+"""Residual-stream geometry across depth, read from the activation cache (DESIGN.md experiment 5).
+
+For every residual boundary ``resid.l`` (l = 0 … L) and the selected tokens of a prompt
+set (``roles``; optionally without the first token of each sequence):
+
+* norms of the token vectors: mean, std, median, min, max, 99th percentile;
+* the eigenvalues λ of the token covariance: participation ratio (Σλ)²/Σλ², entropy
+  effective rank, dims for 90 % of the variance;
+* isotropy: mean pairwise cosine of the raw vectors and after removing the mean direction
+  (centred), and 1 − λ_max/Σλ;
+* category clustering: each prompt's tokens with role ``prompt`` or ``completion`` are
+  mean-pooled (positions before the prompt — system message, template — are the same for
+  every prompt of a decoder and carry no category information), and the ratio of the mean
+  Euclidean distance between prompts of different categories to that within a category
+  (1: no clustering);
+* massive activations: an entry h[t, j] is *massive* when |h[t, j]| ≥ ``massive_ratio`` ×
+  the median |h| of that layer; per layer the dimensions that carry any, how many tokens
+  carry them, and the tokens with the largest values.
+
+The cache is read one layer at a time (:class:`~layerscope.data.activations.ActivationCache`) and
+float64 work runs on blocks of rows, so peak memory is about two copies of one layer's
+activations (the layer and its absolute values, for the median) plus per-token norms,
+whatever the number of layers.
+Note that positions before the user's prompt repeat identically across prompts of a
+decoder: ``roles: [prompt, completion]`` leaves them out of every statistic.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from layerscope import LayerscopeError
+from layerscope.data.activations import ActivationCache
+from layerscope.model.generate import ROLES
+from layerscope.engines.geometry import between_within_ratio, eigen_isotropy, mean_pairwise_cosine
+from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.engines.spectra import (
+    column_mean, dims_for_variance, eigh_descending, entropy_effective_rank, gram_matrix, participation_ratio, row_chunks,
+)
+
+log = logging.getLogger(__name__)
+
+CLUSTER_ROLES = ("prompt", "completion")
+LAYER_METRICS = (
+    "norm_mean", "norm_std", "norm_median", "norm_min", "norm_max", "norm_p99",
+    "participation_ratio", "effective_rank", "dims_90", "top_eigen_fraction",
+    "mean_cosine", "mean_cosine_centered", "isotropy",
+    "category_separation", "category_between", "category_within",
+    "massive_max_ratio", "n_massive_dims", "n_massive_activations",
+)
+
+
+def select_rows(tokens: pd.DataFrame, roles=ROLES, drop_first_token: bool = False) -> np.ndarray:
+    """Cache rows of the tokens whose role is in ``roles`` (without position 0 when asked), sorted."""
+    unknown = sorted(set(roles) - set(ROLES))
+    if unknown:
+        raise LayerscopeError(f"unknown token role(s) {unknown}; roles are {list(ROLES)}")
+    keep = tokens["role"].isin(list(roles))
+    if drop_first_token:
+        keep &= tokens["position"] != 0
+    return np.sort(tokens.loc[keep, "row"].to_numpy())
+
+
+def read_rows(cache: ActivationCache, layer: int, rows: np.ndarray) -> torch.Tensor:
+    """resid.{layer} at ``rows`` (sorted): a lazy slice when the rows are contiguous."""
+    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+        return cache.resid(layer, slice(int(rows[0]), int(rows[-1]) + 1))
+    return cache.resid(layer, rows)
+
+
+@dataclass
+class ResidualGeometryResult:
+    metrics: pd.DataFrame  # tidy: model, prompt_set, layer, metric, value
+    massive: pd.DataFrame  # one row per (layer, massive dim, carrier token)
+    summary: dict
+    curves: dict  # metric -> array over layers 0 … L
+    norms: np.ndarray  # [L+1, n_tokens] per-token norms of the selected rows
+    rows: np.ndarray  # the selected cache rows
+    dim_max_ratio: np.ndarray  # [L+1, d]: max over tokens of |h| / median |h|, per dimension
+
+
+def _pooling(tokens: pd.DataFrame, rows: np.ndarray):
+    """Local indices (into ``rows``) of the tokens to mean-pool, their prompt codes, and prompt categories."""
+    info = tokens.set_index("row").loc[rows]
+    use = info["role"].isin(CLUSTER_ROLES).to_numpy()
+    prompt_ids = info["prompt_id"].to_numpy()[use]
+    order = list(dict.fromkeys(prompt_ids))
+    code_of = {p: i for i, p in enumerate(order)}
+    codes = np.array([code_of[p] for p in prompt_ids], dtype=np.int64)
+    category_of = dict(zip(info["prompt_id"], info["category"]))
+    categories = np.array([category_of[p] for p in order])
+    return np.nonzero(use)[0], codes, categories
+
+
+def _massive(abs_h: torch.Tensor, median: float, ratio: float, top_tokens: int):
+    """Per dimension: number of massive entries, and the top carriers (local row, value) of flagged dims."""
+    threshold = ratio * median
+    counts = (abs_h >= threshold).sum(dim=0)
+    flagged = torch.nonzero(counts > 0).flatten().tolist()
+    carriers = {}
+    for dim in flagged:
+        k = min(top_tokens, int(counts[dim]))
+        values, local = torch.topk(abs_h[:, dim], k)
+        carriers[dim] = (local.tolist(), values.tolist())
+    return counts.numpy(), carriers
+
+
+def residual_geometry(
+    cache: ActivationCache,
+    *,
+    model: str,
+    prompt_set: str,
+    roles=ROLES,
+    drop_first_token: bool = False,
+    massive_ratio: float = 100.0,
+    massive_top_tokens: int = 5,
+) -> ResidualGeometryResult:
+    tokens = cache.tokens
+    rows = select_rows(tokens, roles, drop_first_token)
+    if len(rows) < 2:
+        raise LayerscopeError(f"{cache.directory}: fewer than 2 tokens with roles {list(roles)}; nothing to measure")
+    if massive_ratio <= 1:
+        raise LayerscopeError(f"massive_ratio must be > 1 (a multiple of the median |activation|), got {massive_ratio}")
+    info = tokens.set_index("row").loc[rows]
+    pool_local, pool_codes, prompt_categories = _pooling(tokens, rows)
+    n_prompts = len(prompt_categories)
+    n_sites, d = cache.n_layers + 1, cache.d_model
+    curves = {m: np.full(n_sites, np.nan) for m in LAYER_METRICS}
+    norms = np.zeros((n_sites, len(rows)), dtype=np.float32)
+    dim_max_ratio = np.zeros((n_sites, d))
+    massive_rows = []
+    pool_idx = torch.from_numpy(pool_local)
+    pool_codes_t = torch.from_numpy(pool_codes)
+    counts_per_prompt = torch.bincount(pool_codes_t, minlength=n_prompts).to(torch.float64)[:, None]
+
+    for layer in range(n_sites):
+        h = read_rows(cache, layer, rows)  # [n, d] float32: the only per-layer array held
+        norm = torch.cat([h[c].to(torch.float64).norm(dim=1) for c in row_chunks(len(rows))])
+        norms[layer] = norm.float().numpy()
+        n_np = norm.numpy()
+        curves["norm_mean"][layer] = n_np.mean()
+        curves["norm_std"][layer] = n_np.std()
+        curves["norm_median"][layer] = np.median(n_np)
+        curves["norm_min"][layer] = n_np.min()
+        curves["norm_max"][layer] = n_np.max()
+        curves["norm_p99"][layer] = np.percentile(n_np, 99)
+
+        mean = column_mean(h)
+        lam = eigh_descending(gram_matrix(h, center=True), n_vectors=0)[0] / (len(rows) - 1)
+        curves["participation_ratio"][layer] = participation_ratio(energies=lam)
+        curves["effective_rank"][layer] = entropy_effective_rank(energies=lam)
+        curves["dims_90"][layer] = dims_for_variance(lam, (0.9,))[0.9] if lam.sum() > 0 else np.nan
+        curves["top_eigen_fraction"][layer] = lam[0] / lam.sum() if lam.sum() > 0 else np.nan
+        curves["isotropy"][layer] = eigen_isotropy(lam)
+        curves["mean_cosine"][layer] = mean_pairwise_cosine(h)
+        curves["mean_cosine_centered"][layer] = mean_pairwise_cosine(h, center=mean)
+
+        if n_prompts >= 2:
+            pooled = torch.zeros((n_prompts, d), dtype=torch.float64)
+            for c in row_chunks(len(pool_idx)):
+                pooled.index_add_(0, pool_codes_t[c], h[pool_idx[c]].to(torch.float64))
+            pooled /= counts_per_prompt
+            sep = between_within_ratio(pooled.numpy(), prompt_categories)
+            curves["category_separation"][layer] = sep["ratio"]
+            curves["category_between"][layer] = sep["between"]
+            curves["category_within"][layer] = sep["within"]
+
+        abs_h = h.abs()
+        median = float(np.median(abs_h.numpy()))
+        median = median if median > 0 else float(abs_h[abs_h > 0].min()) if (abs_h > 0).any() else 1.0
+        dim_max = abs_h.max(dim=0).values.double().numpy()
+        dim_max_ratio[layer] = dim_max / median
+        counts, carriers = _massive(abs_h, median, massive_ratio, massive_top_tokens)
+        curves["massive_max_ratio"][layer] = dim_max_ratio[layer].max()
+        curves["n_massive_dims"][layer] = len(carriers)
+        curves["n_massive_activations"][layer] = counts.sum()
+        for dim, (local, values) in carriers.items():
+            for rank, (i, value) in enumerate(zip(local, values)):
+                row = int(rows[i])
+                tok = info.loc[row]
+                signed = float(h[i, dim])
+                massive_rows.append((layer, dim, int(counts[dim]), rank, row, tok["prompt_id"], int(tok["position"]),
+                                     int(tok["token_id"]), tok["token"], tok["role"], signed, value / median))
+        del h, abs_h
+        log.info("residual geometry: layer %d/%d", layer, n_sites - 1)
+
+    records = [(layer, metric, float(values[layer])) for metric, values in curves.items() for layer in range(n_sites)]
+    metrics = pd.DataFrame(records, columns=["layer", "metric", "value"])
+    metrics.insert(0, "prompt_set", prompt_set)
+    metrics.insert(0, "model", model)
+    massive = pd.DataFrame(massive_rows, columns=[
+        "layer", "dim", "n_massive_tokens", "rank", "row", "prompt_id", "position", "token_id", "token", "role",
+        "value", "ratio_to_median",
+    ])
+    massive.insert(0, "prompt_set", prompt_set)
+    massive.insert(0, "model", model)
+    summary = _summary(curves, massive, model=model, prompt_set=prompt_set, n_layers=cache.n_layers, d=d,
+                       n_tokens=len(rows), n_prompts=n_prompts, n_categories=len(set(prompt_categories)),
+                       roles=list(roles), drop_first_token=drop_first_token, massive_ratio=massive_ratio)
+    return ResidualGeometryResult(metrics, massive, summary, curves, norms, rows, dim_max_ratio)
+
+
+def _argbest(values: np.ndarray, fn) -> tuple[float | None, int | None]:
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None, None
+    index = int(fn(np.where(finite, values, np.inf if fn is np.argmin else -np.inf)))
+    return float(values[index]), index
+
+
+def _summary(curves, massive, *, model, prompt_set, n_layers, d, n_tokens, n_prompts, n_categories, roles,
+             drop_first_token, massive_ratio) -> dict:
+    pr = curves["participation_ratio"]
+    pr_min, pr_min_layer = _argbest(pr, np.argmin)
+    pr_max, pr_max_layer = _argbest(pr, np.argmax)
+    sep_max, sep_max_layer = _argbest(curves["category_separation"], np.argmax)
+    iso_min, iso_min_layer = _argbest(curves["isotropy"], np.argmin)
+    norm = curves["norm_mean"]
+    by_dim = {}
+    for dim, group in massive.groupby("dim", sort=True):
+        top = group.sort_values("ratio_to_median", ascending=False)
+        by_dim[int(dim)] = {
+            "layers": sorted(int(x) for x in group["layer"].unique()),
+            "max_ratio_to_median": float(top["ratio_to_median"].iloc[0]),
+            "max_abs_value": float(top["value"].abs().iloc[0]),
+            "top_tokens": list(dict.fromkeys(top["token"].astype(str)))[:5],
+        }
+    massive_dims = sorted(by_dim, key=lambda k: (-len(by_dim[k]["layers"]), -by_dim[k]["max_ratio_to_median"], k))
+    massive_layers = sorted(int(x) for x in massive["layer"].unique())
+    return {
+        "model": model,
+        "prompt_set": prompt_set,
+        "n_layers": n_layers,
+        "d_model": d,
+        "n_tokens": n_tokens,
+        "n_prompts": n_prompts,
+        "n_categories": n_categories,
+        "roles": roles,
+        "drop_first_token": drop_first_token,
+        "pr_min": pr_min,
+        "pr_min_layer": pr_min_layer,
+        "pr_max": pr_max,
+        "pr_max_layer": pr_max_layer,
+        "pr_last": float(pr[-1]),
+        "norm_first": float(norm[0]),
+        "norm_last": float(norm[-1]),
+        "norm_growth": float(norm[-1] / norm[0]) if norm[0] > 0 else None,
+        "norm_peak_layer": int(np.argmax(norm)),
+        "mean_cosine_last": float(curves["mean_cosine"][-1]),
+        "mean_cosine_centered_abs_max": float(np.nanmax(np.abs(curves["mean_cosine_centered"]))),
+        "isotropy_min": iso_min,
+        "isotropy_min_layer": iso_min_layer,
+        "final_category_separation": (float(curves["category_separation"][-1])
+                                      if np.isfinite(curves["category_separation"][-1]) else None),
+        "category_separation_max": sep_max,
+        "category_separation_max_layer": sep_max_layer,
+        "massive_ratio": massive_ratio,
+        "massive_dims": massive_dims,
+        "n_massive_layers": len(massive_layers),
+        "massive_first_layer": massive_layers[0] if massive_layers else None,
+        "massive": {str(k): by_dim[k] for k in massive_dims},
+    }
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def plot_curves(result: ResidualGeometryResult, path: str | Path) -> None:
+    from layerscope.report.plotting import figure, layer_axis, save
+
+    s = result.summary
+    n_layers = s["n_layers"]
+    x = np.arange(n_layers + 1)
+    c = result.curves
+    with figure(2, 3, width=11.0, height=5.8) as (fig, axes):
+        ax = axes[0, 0]
+        ax.plot(x, c["norm_mean"], marker="o", markersize=2.5, label="mean")
+        ax.plot(x, c["norm_median"], linestyle="--", label="median")
+        ax.fill_between(x, np.percentile(result.norms, 5, axis=1), np.percentile(result.norms, 95, axis=1),
+                        alpha=0.2, label="5–95 %")
+        ax.plot(x, c["norm_max"], linestyle=":", label="max")
+        ax.set_yscale("log")
+        ax.set_ylabel("token norm ‖h‖")
+        ax.legend(loc="upper left")
+        ax = axes[0, 1]
+        ax.plot(x, c["participation_ratio"], marker="o", markersize=2.5, label="participation ratio")
+        ax.plot(x, c["effective_rank"], linestyle="--", label="entropy effective rank")
+        ax.set_yscale("log")
+        ax.set_ylabel("dimensions")
+        ax.legend(loc="upper left")
+        ax = axes[0, 2]
+        ax.plot(x, c["mean_cosine"], marker="o", markersize=2.5, label="mean cosine (raw)")
+        ax.plot(x, c["mean_cosine_centered"], linestyle="--", label="mean cosine (mean removed)")
+        ax.plot(x, c["isotropy"], linestyle=":", label="1 − λmax/Σλ")
+        ax.set_ylabel("isotropy")
+        ax.legend(loc="best")
+        ax = axes[1, 0]
+        ax.plot(x, c["category_separation"], marker="o", markersize=2.5)
+        ax.axhline(1.0, color="0.5", linewidth=0.8)
+        ax.set_ylabel("between / within category distance")
+        ax = axes[1, 1]
+        ax.plot(x, c["massive_max_ratio"], marker="o", markersize=2.5)
+        ax.axhline(s["massive_ratio"], color="0.5", linestyle="--", linewidth=0.8, label="massive threshold")
+        ax.set_yscale("log")
+        ax.set_ylabel("max |h| / median |h|")
+        ax.legend(loc="upper left")
+        ax = axes[1, 2]
+        ax.plot(x, c["top_eigen_fraction"], marker="o", markersize=2.5)
+        ax.set_ylabel("λmax / Σλ")
+        for a in axes.flat:
+            layer_axis(a, n_layers)
+        fig.suptitle(f"residual-stream geometry — {s['model']} on {s['prompt_set']} ({s['n_tokens']} tokens, "
+                     f"{s['n_prompts']} prompts, roles {', '.join(s['roles'])})")
+        save(fig, path)
+
+
+def plot_massive(result: ResidualGeometryResult, path: str | Path, max_dims: int = 12) -> None:
+    from layerscope.report.plotting import figure, save
+
+    s = result.summary
+    ratios = result.dim_max_ratio
+    dims = [int(k) for k in s["massive_dims"]][:max_dims]
+    if len(dims) < max_dims:  # fill up with the largest remaining dimensions
+        order = np.argsort(-ratios.max(axis=0))
+        dims += [int(j) for j in order if int(j) not in dims][: max_dims - len(dims)]
+    with figure(width=8.0, height=0.35 * len(dims) + 1.6) as (fig, ax):
+        image = ax.imshow(np.log10(np.maximum(ratios[:, dims].T, 1e-3)), aspect="auto", cmap="magma",
+                          interpolation="nearest")
+        ax.set_yticks(range(len(dims)))
+        ax.set_yticklabels([f"dim {j}" for j in dims])
+        ax.set_xlabel("layer (residual boundary: 0 = embeddings)")
+        ax.grid(False)
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label("log10 max |h| / median |h|")
+        ax.set_title(f"largest activation dimensions (massive: ≥ {s['massive_ratio']:g}× median; "
+                     f"{len(s['massive_dims'])} dims massive somewhere)")
+        save(fig, path)
+
+
+FIGURES = ("curves", "massive")
+
+
+def write_outputs(result: ResidualGeometryResult, outputs) -> None:
+    get = output_getter(outputs)
+    write_parquet(get("metrics"), result.metrics)
+    write_parquet(get("massive"), result.massive)
+    plot_curves(result, get("curves"))
+    plot_massive(result, get("massive_figure"))
+    write_json(get("summary"), result.summary)
+
+
+def run_residual_geometry(resid_path, outputs, *, params: dict, model: str, prompt_set: str) -> ResidualGeometryResult:
+    cache = ActivationCache(Path(resid_path).parent)
+    result = residual_geometry(
+        cache, model=model, prompt_set=prompt_set, roles=params["roles"],
+        drop_first_token=params["drop_first_token"], massive_ratio=params["massive_ratio"],
+        massive_top_tokens=params["massive_top_tokens"],
+    )
+    write_outputs(result, outputs)
+    return result

@@ -1,0 +1,311 @@
+"""Spectral structure of every weight matrix (DESIGN.md experiment 8; weights only, no prompts).
+
+For each matrix of :func:`layerscope.engines.weights.weight_inventory` (block projections
+``q k v o gate up down`` per layer, fused ones split, plus embeddings, an untied
+unembedding and BERT's pooler) the singular values are computed in float64 and summarised
+with the definitions of :mod:`layerscope.engines.spectra`, each named in its metric:
+
+* ``entropy_effective_rank`` — exp(H(p)), p = σ²/Σσ² (Roy & Vetterli), and
+  ``entropy_effective_rank_ratio`` = that / min(rows, cols);
+* ``participation_ratio`` — (Σσ²)² / Σσ⁴ (a rank: n for a flat spectrum);
+* ``stable_rank`` — Σσ² / σ_max²;
+* ``spectral_norm`` — σ_max; ``condition_number`` — σ_max / σ_min over all min(rows, cols)
+  singular values; ``frobenius_norm``.
+
+Across depth, per block type: relative changes between consecutive layers
+((x_{l+1} − x_l) / x_l) of the rank and norm metrics, the largest named; and *degenerate*
+matrices, whose entropy effective-rank ratio is below ``degenerate_fraction`` × the
+median ratio of their type.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
+from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.engines.spectra import condition_number, entropy_effective_rank, participation_ratio, singular_values, stable_rank
+from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
+
+log = logging.getLogger(__name__)
+
+RANK_DEFINITIONS = {
+    "entropy_effective_rank": "exp(H(p)) with p = σ²/Σσ² (Roy & Vetterli's effective rank of the energy spectrum)",
+    "entropy_effective_rank_ratio": "entropy_effective_rank / min(rows, cols)",
+    "participation_ratio": "(Σσ²)² / Σσ⁴ (participation-ratio rank; n for n equal singular values)",
+    "stable_rank": "Σσ² / σ_max² = ‖W‖_F² / ‖W‖_2²",
+    "spectral_norm": "σ_max",
+    "condition_number": "σ_max / σ_min over all min(rows, cols) singular values (inf when σ_min = 0)",
+    "frobenius_norm": "sqrt(Σσ²)",
+    "relative_change": "(x_{l+1} − x_l) / x_l between consecutive layers of one matrix type",
+    "degenerate": "entropy_effective_rank_ratio < degenerate_fraction × median ratio of the matrix type",
+}
+MATRIX_METRICS = (
+    "entropy_effective_rank", "entropy_effective_rank_ratio", "participation_ratio", "stable_rank", "spectral_norm",
+    "condition_number", "frobenius_norm", "sigma_min",
+)
+JUMP_METRICS = ("entropy_effective_rank", "participation_ratio", "stable_rank", "spectral_norm")
+
+
+def spectrum_metrics(s: np.ndarray, rows: int, cols: int) -> dict[str, float]:
+    """Every per-matrix number from its singular values (all min(rows, cols) of them)."""
+    erank = entropy_effective_rank(s)
+    return {
+        "entropy_effective_rank": erank,
+        "entropy_effective_rank_ratio": erank / min(rows, cols),
+        "participation_ratio": participation_ratio(s),
+        "stable_rank": stable_rank(s),
+        "spectral_norm": float(s.max()) if s.size else 0.0,
+        "condition_number": condition_number(s),
+        "frobenius_norm": float(np.sqrt((s.astype(float) ** 2).sum())),
+        "sigma_min": float(s.min()) if s.size else 0.0,
+    }
+
+
+def layer_jumps(table: pd.DataFrame, metrics=JUMP_METRICS) -> pd.DataFrame:
+    """Relative change of each metric between consecutive layers, per block matrix type."""
+    rows = []
+    blocks = table[table["layer"].notna()]
+    for mtype, group in blocks.groupby("type", sort=False):
+        group = group.sort_values("layer")
+        layers = group["layer"].to_numpy(dtype=int)
+        for metric in metrics:
+            values = group[metric].to_numpy(dtype=float)
+            for k in range(len(values) - 1):
+                if layers[k + 1] != layers[k] + 1:
+                    continue
+                before, after = values[k], values[k + 1]
+                change = (after - before) / before if before != 0 else float("nan")
+                rows.append((mtype, int(layers[k]), int(layers[k + 1]), metric, before, after, change))
+    return pd.DataFrame(rows, columns=["type", "from_layer", "to_layer", "metric", "value_from", "value_to",
+                                       "relative_change"])
+
+
+def degenerate_matrices(table: pd.DataFrame, fraction: float) -> pd.DataFrame:
+    """Block matrices whose entropy effective-rank ratio is below ``fraction`` × their type's median."""
+    blocks = table[table["layer"].notna()].copy()
+    median = blocks.groupby("type")["entropy_effective_rank_ratio"].transform("median")
+    blocks["type_median_ratio"] = median
+    flagged = blocks[blocks["entropy_effective_rank_ratio"] < fraction * median]
+    return flagged[["name", "type", "layer", "entropy_effective_rank_ratio", "type_median_ratio"]].reset_index(drop=True)
+
+
+@dataclass
+class SpectraResult:
+    table: pd.DataFrame  # one row per matrix, metrics as columns
+    metrics: pd.DataFrame  # tidy: model, matrix, type, layer, rows, cols, metric, value
+    singular_values: pd.DataFrame  # model, matrix, type, layer, index, value
+    jumps: pd.DataFrame
+    degenerate: pd.DataFrame
+    summary: dict
+
+
+def _type_order(types) -> list[str]:
+    present = list(dict.fromkeys(types))
+    return [t for t in PROJECTION_TYPES if t in present] + [t for t in present if t not in PROJECTION_TYPES]
+
+
+def weight_spectra(
+    adapter: ModelAdapter,
+    *,
+    model: str,
+    top_k: int | None = None,
+    degenerate_fraction: float = 0.5,
+    n_top_jumps: int = 5,
+    chunk_rows: int = 8192,
+    workers: int | None = None,
+) -> SpectraResult:
+    source = WeightSource(adapter)
+    inventory = weight_inventory(adapter)
+    log.info("weight spectra: %d matrices on %d thread(s)", len(inventory), workers or torch.get_num_threads())
+
+    def analyse(w):
+        matrix = source.matrix(w)
+        return tuple(int(x) for x in matrix.shape), singular_values(matrix, chunk_rows=chunk_rows)
+
+    records, sv_frames = [], []
+    for w, ((rows, cols), s) in zip(inventory, parallel_map(analyse, inventory, workers)):
+        records.append({"name": w.name, "type": w.type, "layer": w.layer, "rows": rows, "cols": cols,
+                        **spectrum_metrics(s, rows, cols)})
+        kept = s if top_k is None else s[:top_k]
+        sv_frames.append(pd.DataFrame({"matrix": w.name, "type": w.type, "layer": w.layer,
+                                       "index": np.arange(len(kept), dtype=np.int32), "value": kept}))
+    table = pd.DataFrame(records)
+    table["layer"] = table["layer"].astype("Int64")
+    svs = pd.concat(sv_frames, ignore_index=True)
+    svs["layer"] = svs["layer"].astype("Int64")
+    svs.insert(0, "model", model)
+
+    long = table.melt(id_vars=["name", "type", "layer", "rows", "cols"], value_vars=list(MATRIX_METRICS),
+                      var_name="metric", value_name="value").rename(columns={"name": "matrix"})
+    long.insert(0, "model", model)
+
+    jumps = layer_jumps(table)
+    degenerate = degenerate_matrices(table, degenerate_fraction)
+    summary = _summary(table, jumps, degenerate, adapter, model=model, top_k=top_k,
+                       degenerate_fraction=degenerate_fraction, n_top_jumps=n_top_jumps)
+    return SpectraResult(table, long, svs, jumps, degenerate, summary)
+
+
+def _jump_dict(row) -> dict:
+    return {"type": row["type"], "from_layer": int(row["from_layer"]), "to_layer": int(row["to_layer"]),
+            "relative_change": float(row["relative_change"]), "value_from": float(row["value_from"]),
+            "value_to": float(row["value_to"])}
+
+
+def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_fraction, n_top_jumps) -> dict:
+    blocks = table[table["layer"].notna()]
+    erank_jumps = jumps[(jumps["metric"] == "entropy_effective_rank") & jumps["relative_change"].notna()].copy()
+    erank_jumps["magnitude"] = erank_jumps["relative_change"].abs()
+    erank_jumps = erank_jumps.sort_values(["magnitude", "type", "from_layer"], ascending=[False, True, True])
+    by_type = {}
+    for mtype in _type_order(blocks["type"]):
+        group = blocks[blocks["type"] == mtype]
+        type_jumps = erank_jumps[erank_jumps["type"] == mtype]
+        by_type[mtype] = {
+            "n_matrices": int(len(group)),
+            "shape": [int(group["rows"].iloc[0]), int(group["cols"].iloc[0])],
+            "entropy_effective_rank_ratio_mean": float(group["entropy_effective_rank_ratio"].mean()),
+            "entropy_effective_rank_ratio_median": float(group["entropy_effective_rank_ratio"].median()),
+            "entropy_effective_rank_ratio_min": float(group["entropy_effective_rank_ratio"].min()),
+            "participation_ratio_mean": float(group["participation_ratio"].mean()),
+            "stable_rank_mean": float(group["stable_rank"].mean()),
+            "spectral_norm_mean": float(group["spectral_norm"].mean()),
+            "largest_jump": _jump_dict(type_jumps.iloc[0]) if len(type_jumps) else None,
+            "degenerate": degenerate.loc[degenerate["type"] == mtype, "name"].tolist(),
+        }
+    model_level = {
+        row["name"]: {k: row[k] for k in ("type", "rows", "cols", *MATRIX_METRICS)}
+        for _, row in table[table["layer"].isna()].iterrows()
+    }
+    top = [_jump_dict(r) for _, r in erank_jumps.head(n_top_jumps).iterrows()]
+    summary = {
+        "model": model,
+        "n_layers": adapter.n_layers,
+        "n_matrices": int(len(table)),
+        "n_block_matrices": int(len(blocks)),
+        "entropy_effective_rank_ratio_mean": float(blocks["entropy_effective_rank_ratio"].mean()),
+    }
+    for mtype, info in by_type.items():
+        summary[f"entropy_effective_rank_ratio_{mtype}"] = info["entropy_effective_rank_ratio_mean"]
+    summary.update({
+        "largest_jump_type": top[0]["type"] if top else None,
+        "largest_jump_from_layer": top[0]["from_layer"] if top else None,
+        "largest_jump_to_layer": top[0]["to_layer"] if top else None,
+        "largest_jump_relative_change": top[0]["relative_change"] if top else None,
+        "n_degenerate": int(len(degenerate)),
+        "degenerate": degenerate["name"].tolist(),
+        "by_type": by_type,
+        "top_jumps": top,
+        "degenerate_matrices": {row["name"]: {"type": row["type"], "layer": int(row["layer"]),
+                                              "entropy_effective_rank_ratio": row["entropy_effective_rank_ratio"],
+                                              "type_median_ratio": row["type_median_ratio"]}
+                                for _, row in degenerate.iterrows()},
+        "model_matrices": model_level,
+        "definitions": RANK_DEFINITIONS,
+        "params": {"top_k": top_k, "degenerate_fraction": degenerate_fraction, "jump_metric": "entropy_effective_rank"},
+    })
+    return summary
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def plot_rank_ratio(result: SpectraResult, path: str | Path) -> None:
+    from layerscope.report.plotting import PALETTE, figure, save
+
+    blocks = result.table[result.table["layer"].notna()]
+    n_layers = result.summary["n_layers"]
+    with figure(1, 2, width=10.0, height=3.8) as (fig, axes):
+        for k, mtype in enumerate(_type_order(blocks["type"])):
+            group = blocks[blocks["type"] == mtype].sort_values("layer")
+            x = group["layer"].to_numpy(dtype=int)
+            color = PALETTE[k % len(PALETTE)]
+            axes[0].plot(x, group["entropy_effective_rank_ratio"], marker="o", markersize=2.5, color=color,
+                         label=mtype)
+            axes[1].plot(x, group["spectral_norm"], marker="o", markersize=2.5, color=color, label=mtype)
+        deg = result.degenerate
+        if len(deg):
+            axes[0].scatter(deg["layer"].astype(int), deg["entropy_effective_rank_ratio"], s=60, facecolors="none",
+                            edgecolors="red", linewidths=1.2, label="degenerate", zorder=5)
+        axes[0].set_ylabel("entropy effective rank / min(rows, cols)")
+        axes[1].set_ylabel("spectral norm σ_max")
+        axes[1].set_yscale("log")
+        for ax in axes:
+            ax.set_xlabel("layer (block index)")
+            ax.set_xlim(-0.5, n_layers - 0.5)
+        axes[0].legend(loc="best", ncol=2)
+        top = result.summary["top_jumps"][:1]
+        note = (f"; largest jump {top[0]['type']} {top[0]['from_layer']}→{top[0]['to_layer']} "
+                f"({top[0]['relative_change']:+.1%})") if top else ""
+        fig.suptitle(f"weight spectra — {result.summary['model']}: effective rank ratio exp(H(σ²/Σσ²))/min(m,n) "
+                     f"by layer{note}")
+        save(fig, path)
+
+
+def plot_singular_values(result: SpectraResult, path: str | Path) -> None:
+    import matplotlib as mpl
+
+    from layerscope.report.plotting import figure, save
+
+    svs = result.singular_values
+    types = _type_order(result.table["type"])
+    ncols = min(4, len(types))
+    nrows = int(np.ceil(len(types) / ncols))
+    n_layers = result.summary["n_layers"]
+    cmap = mpl.colormaps["viridis"]
+    with figure(nrows, ncols, width=2.6 * ncols + 1, height=2.3 * nrows + 0.6) as (fig, axes):
+        axes = np.atleast_1d(axes).ravel()
+        for ax, mtype in zip(axes, types):
+            group = svs[svs["type"] == mtype]
+            for name, sv in group.groupby("matrix", sort=False):
+                layer = sv["layer"].iloc[0]
+                values = sv["value"].to_numpy(dtype=float)
+                top = values[0] if values.size and values[0] > 0 else 1.0
+                color = "black" if pd.isna(layer) else cmap(int(layer) / max(1, n_layers - 1))
+                ax.plot(sv["index"], values / top, color=color, linewidth=0.8, alpha=0.8)
+            ax.set_yscale("log")
+            ax.set_title(mtype)
+            ax.set_xlabel("singular value index")
+        for ax in axes[len(types):]:
+            ax.set_visible(False)
+        axes[0].set_ylabel("σ_i / σ_1")
+        from matplotlib.lines import Line2D
+
+        proxies = [Line2D([], [], color=cmap(0.0), label="layer 0"),
+                   Line2D([], [], color=cmap(1.0), label=f"layer {n_layers - 1}")]
+        axes[0].legend(handles=proxies, loc="lower left")
+        fig.suptitle(f"normalised singular value spectra — {result.summary['model']} (colour: layer; black: "
+                     "model-level matrices)")
+        save(fig, path)
+
+
+def write_outputs(result: SpectraResult, outputs) -> None:
+    get = output_getter(outputs)
+    write_parquet(get("metrics"), result.metrics)
+    write_parquet(get("singular_values"), result.singular_values)
+    write_parquet(get("jumps"), result.jumps)
+    plot_rank_ratio(result, get("rank_ratio"))
+    plot_singular_values(result, get("spectra"))
+    write_json(get("summary"), result.summary)
+
+
+def run_weight_spectra(model_dir, outputs, *, params: dict, model: str) -> SpectraResult:
+    """The workflow stage: load the weights (no activations), analyse, write every output."""
+    from layerscope.model.adapter import load_model
+    from layerscope.engines.weights import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()
+    adapter = load_model(model_dir, dtype="float32", device="cpu")
+    result = weight_spectra(
+        adapter, model=model, top_k=params.get("top_k"), degenerate_fraction=params.get("degenerate_fraction", 0.5),
+        n_top_jumps=params.get("n_top_jumps", 5), chunk_rows=params.get("chunk_rows", 8192),
+    )
+    write_outputs(result, outputs)
+    return result

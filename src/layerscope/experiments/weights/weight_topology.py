@@ -1,0 +1,699 @@
+"""Weight topology (DESIGN.md experiment 9; weights only, decoders and encoders alike).
+
+* **sparsity** — per matrix, per type and over the whole model: the fraction of entries
+  with |w| below absolute thresholds (``sparsity_abs_lt_{t}``) and below t × the matrix's
+  RMS entry (``sparsity_rms_lt_{t}``, scale-free).
+* **QK circuit** per query head h: M = W_Q,hᵀ W_K,g (d_model × d_model, the bilinear form of
+  the attention score x_qᵀ M x_k before the 1/√d_head scale; bias terms and the rotary
+  rotation left out: this is the content circuit at relative offset 0), with g = h // gqa_group
+  the key/value head that serves h (grouped-query attention). Its singular values and ranks,
+  and its symmetric / antisymmetric energy balance: S = (M + Mᵀ)/2, A = (M − Mᵀ)/2,
+  ‖M‖² = ‖S‖² + ‖A‖², ``symmetric_energy_fraction`` = ‖S‖²/‖M‖² (1: a similarity form,
+  0.5: no preference, 0: antisymmetric), and ``positive_energy_fraction`` = Σ_{λ>0}λ² / Σλ²
+  over the eigenvalues λ of S. Everything is computed exactly in the 2·d_head-dimensional
+  span of [W_Qᵀ W_Kᵀ] (a QR factorisation), never as a d_model × d_model product.
+* **MLP neurons** — per hidden neuron j: the norms of its input rows (gate and up) and of
+  its output column (down), each divided by the layer's median of that norm; r = the
+  smallest of those ratios. ``dead``: r < dead_ratio; ``degenerate``: dead_ratio ≤ r <
+  degenerate_ratio.
+* **cross-layer correlation** — Pearson correlation of the flattened weights of the same
+  type in layers i and j, for all pairs (adjacent pairs summarised separately).
+* **norm scales** — the effective per-dimension scale γ of every norm (Gemma's stored γ−1
+  corrected by the adapter) across depth: mean, std, min, max, and the full vectors.
+* **position structure** — for learned absolute position embeddings (GPT-2 ``wpe``, BERT
+  ``position_embeddings``): norm by position, cosine between positions as a function of
+  their offset, and the effective rank of the table. Rotary models have no position
+  weights; no supported family has learned relative biases.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from layerscope import LayerscopeError
+from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
+from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.engines.spectra import entropy_effective_rank, singular_values, stable_rank
+from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
+
+log = logging.getLogger(__name__)
+
+DEFINITIONS = {
+    "sparsity_abs_lt_t": "fraction of entries with |w| < t",
+    "sparsity_rms_lt_t": "fraction of entries with |w| < t · sqrt(mean(w²)) of the same matrix",
+    "qk_circuit": "M = W_Q,hᵀ W_K,g (g = h // gqa_group), no bias, no rotary rotation, no 1/√d_head scale",
+    "symmetric_energy_fraction": "‖(M + Mᵀ)/2‖_F² / ‖M‖_F²",
+    "positive_energy_fraction": "Σ_{λ>0} λ² / Σ λ² over eigenvalues λ of (M + Mᵀ)/2",
+    "entropy_effective_rank": "exp(H(p)), p = σ²/Σσ²; for QK circuits the ratio is to d_head (their maximal rank)",
+    "neuron_ratio": "min over the neuron's input rows (gate, up) and output column (down) of norm / layer median",
+    "cross_layer_correlation": "Pearson correlation of the flattened weights of one type in two layers",
+    "norm_scale": "effective γ of a norm (adapter.norm_scale: Gemma's stored γ − 1 corrected)",
+    "position_offset_cosine": "mean cosine between position embeddings p_i and p_{i+Δ} over i",
+}
+
+
+# ---------------------------------------------------------------------------- sparsity
+
+
+def _row_blocks(matrix: torch.Tensor, chunk_elements: int):
+    rows = max(1, chunk_elements // max(1, matrix.shape[1]))
+    for start in range(0, matrix.shape[0], rows):
+        yield matrix[start : start + rows]
+
+
+def sparsity(source: WeightSource, abs_thresholds, rms_thresholds, workers: int | None = None,
+             chunk_elements: int = 1 << 20) -> pd.DataFrame:
+    """One row per matrix: its size and the count of entries below each threshold (streamed by row blocks)."""
+
+    def count(w):
+        m = source.matrix(w)
+        sumsq = sum(float((block.double() ** 2).sum()) for block in _row_blocks(m, chunk_elements))
+        rms = float(np.sqrt(sumsq / m.numel()))
+        row = {"matrix": w.name, "type": w.type, "layer": w.layer, "numel": m.numel(), "rms": rms}
+        cols = [(f"sparsity_abs_lt_{t:g}", t) for t in abs_thresholds]
+        cols += [(f"sparsity_rms_lt_{t:g}", t * rms) for t in rms_thresholds]
+        for name, _ in cols:
+            row[name] = 0
+        for block in _row_blocks(m, chunk_elements):
+            a = block.abs().float()
+            for name, threshold in cols:
+                row[name] += int((a < threshold).sum())
+        return row
+
+    frame = pd.DataFrame(parallel_map(count, weight_inventory(source.adapter), workers))
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def sparsity_fractions(counts: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
+    """Fractions per matrix, per type (pooled entries) and over the whole model."""
+    cols = [c for c in counts.columns if c.startswith("sparsity_")]
+    per_matrix = counts.copy()
+    per_matrix[cols] = per_matrix[cols].div(per_matrix["numel"], axis=0)
+    pooled = counts.groupby("type", sort=False)[cols + ["numel"]].sum()
+    by_type = {t: {c: float(pooled.loc[t, c] / pooled.loc[t, "numel"]) for c in cols} for t in pooled.index}
+    total = counts["numel"].sum()
+    overall = {c: float(counts[c].sum() / total) for c in cols}
+    return per_matrix, by_type, overall
+
+
+# ---------------------------------------------------------------------------- QK circuits
+
+
+def qk_circuit(w_q: torch.Tensor, w_k: torch.Tensor) -> dict:
+    """Spectrum and symmetry of M = w_qᵀ w_k for one head (w_q, w_k: [d_head, d_model]).
+
+    With C = [w_qᵀ w_kᵀ] = Q R (reduced QR, R = [R_q R_k]), M = Q (R_q R_kᵀ) Qᵀ: the small
+    matrix M' = R_q R_kᵀ has M's nonzero singular values, Frobenius norms of M, of its
+    symmetric and antisymmetric parts, and the nonzero eigenvalues of the symmetric part.
+    """
+    wq = torch.as_tensor(w_q).detach().to(torch.float64)
+    wk = torch.as_tensor(w_k).detach().to(torch.float64)
+    head_dim = wq.shape[0]
+    r = torch.linalg.qr(torch.cat([wq.T, wk.T], dim=1), mode="r").R
+    small = r[:, :head_dim] @ r[:, head_dim:].T
+    sym = (small + small.T) / 2
+    total = float((small**2).sum())
+    sym_energy = float((sym**2).sum())
+    sv = torch.linalg.svdvals(small).numpy()[: min(head_dim, wq.shape[1])]
+    eig = torch.linalg.eigvalsh(sym).numpy()
+    tol = 1e-9 * max(1e-300, float(np.abs(eig).max(initial=0.0)))
+    pos, neg = eig[eig > tol], eig[eig < -tol]
+    eig_energy = float((eig**2).sum())
+    erank = entropy_effective_rank(sv)
+    return {
+        "singular_values": sv,
+        "sym_eigenvalues": eig[::-1],
+        "entropy_effective_rank": erank,
+        "entropy_effective_rank_ratio": erank / head_dim,
+        "stable_rank": stable_rank(sv),
+        "spectral_norm": float(sv.max()) if sv.size else 0.0,
+        "frobenius_norm": float(np.sqrt(total)),
+        "symmetric_energy_fraction": sym_energy / total if total > 0 else float("nan"),
+        "antisymmetric_energy_fraction": 1 - sym_energy / total if total > 0 else float("nan"),
+        "positive_energy_fraction": float((pos**2).sum() / eig_energy) if eig_energy > 0 else float("nan"),
+        "n_positive_eigenvalues": int(len(pos)),
+        "n_negative_eigenvalues": int(len(neg)),
+    }
+
+
+QK_METRICS = ("entropy_effective_rank", "entropy_effective_rank_ratio", "stable_rank", "spectral_norm",
+              "frobenius_norm", "symmetric_energy_fraction", "antisymmetric_energy_fraction",
+              "positive_energy_fraction", "n_positive_eigenvalues", "n_negative_eigenvalues")
+
+
+def qk_circuits(adapter: ModelAdapter, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per (layer, query head): the circuit's metrics; and its singular values (long)."""
+    f = adapter.facts
+    hd, group = f.head_dim, f.gqa_group
+
+    def layer_circuits(layer):
+        proj = adapter.projections(layer)
+        rows, spectra = [], []
+        for head in range(f.n_heads):
+            kv = head // group
+            out = qk_circuit(proj["q"][head * hd : (head + 1) * hd], proj["k"][kv * hd : (kv + 1) * hd])
+            rows.append({"layer": layer, "head": head, "kv_head": kv, **{m: out[m] for m in QK_METRICS}})
+            sv = out["singular_values"]
+            spectra.append(pd.DataFrame({"layer": layer, "head": head, "index": np.arange(len(sv), dtype=np.int32),
+                                         "singular_value": sv}))
+        return rows, spectra
+
+    results = parallel_map(layer_circuits, range(adapter.n_layers), workers)
+    rows = [r for layer_rows, _ in results for r in layer_rows]
+    spectra = [s for _, layer_spectra in results for s in layer_spectra]
+    return pd.DataFrame(rows), pd.concat(spectra, ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- MLP neurons
+
+
+def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: float,
+                workers: int | None = None) -> pd.DataFrame:
+    """One row per (layer, hidden neuron): input/output norms, their ratios to the layer median, status."""
+    if dead_ratio > degenerate_ratio:
+        raise LayerscopeError(f"weight_topology: dead_ratio ({dead_ratio}) must not exceed degenerate_ratio "
+                              f"({degenerate_ratio})")
+
+    def layer_neurons(layer):
+        proj = adapter.projections(layer)
+        norms = {}
+        for t in ("gate", "up"):
+            if t in proj:
+                norms[f"{t}_norm"] = torch.linalg.vector_norm(proj[t].double(), dim=1).numpy()
+        norms["down_norm"] = torch.linalg.vector_norm(proj["down"].double(), dim=0).numpy()
+        frame = pd.DataFrame(norms)
+        ratios = []
+        for col in list(norms):
+            median = float(np.median(frame[col]))
+            ratio = frame[col] / median if median > 0 else pd.Series(np.zeros(len(frame)))
+            frame[col.replace("_norm", "_ratio")] = ratio
+            ratios.append(ratio.to_numpy())
+        frame["ratio"] = np.min(np.vstack(ratios), axis=0)
+        frame["status"] = np.where(frame["ratio"] < dead_ratio, "dead",
+                                   np.where(frame["ratio"] < degenerate_ratio, "degenerate", "ok"))
+        frame.insert(0, "neuron", np.arange(len(frame), dtype=np.int32))
+        frame.insert(0, "layer", layer)
+        return frame
+
+    return pd.concat(parallel_map(layer_neurons, range(adapter.n_layers), workers), ignore_index=True)
+
+
+# ---------------------------------------------------------------------------- cross-layer correlation
+
+
+def correlation_matrix(matrices: list[torch.Tensor], chunk_elements: int = 1 << 20) -> np.ndarray:
+    """Pearson correlation of flattened equal-shape matrices, all pairs, streamed by row blocks.
+
+    About ``chunk_elements`` float64 values (over all matrices together) are held at once.
+    """
+    n = len(matrices)
+    shape = tuple(matrices[0].shape)
+    if any(tuple(m.shape) != shape for m in matrices):
+        raise ValueError(f"matrices of one type differ in shape: {[tuple(m.shape) for m in matrices]}")
+    rows_per_chunk = max(1, chunk_elements // max(1, shape[1] * n))
+    count = shape[0] * shape[1]
+    means = np.array([sum(float(b.double().sum()) for b in _row_blocks(m, chunk_elements)) / count
+                      for m in matrices])
+    gram = np.zeros((n, n))
+    for start in range(0, shape[0], rows_per_chunk):
+        block = torch.stack([m[start : start + rows_per_chunk].to(torch.float64).reshape(-1) for m in matrices])
+        block -= torch.from_numpy(means)[:, None]
+        gram += (block @ block.T).numpy()
+    scale = np.sqrt(np.clip(np.diag(gram), 0, None))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = gram / np.outer(scale, scale)
+    return corr
+
+
+def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: int | None = None
+                ) -> dict[str, np.ndarray]:
+    """Per block type: the layers × layers Pearson correlation of its weights."""
+    inventory = [w for w in weight_inventory(source.adapter) if w.layer is not None]
+    groups = {}
+    for mtype in [t for t in PROJECTION_TYPES if any(w.type == t for w in inventory)]:
+        group = sorted((w for w in inventory if w.type == mtype), key=lambda w: w.layer)
+        if len(group) >= 2:
+            groups[mtype] = group
+    results = parallel_map(lambda g: correlation_matrix([source.matrix(w) for w in g], chunk_elements),
+                           groups.values(), workers)
+    return dict(zip(groups, results))
+
+
+# ---------------------------------------------------------------------------- norm scales
+
+
+def norm_scales(adapter: ModelAdapter) -> pd.DataFrame:
+    """Every norm's effective γ per dimension (and β where the norm has a bias): long table."""
+    entries = []
+    if adapter.embed_norm is not None:
+        entries.append((None, "embed", adapter.embed_norm))
+    for layer in range(adapter.n_layers):
+        for role, norm in adapter.block_norms(layer).items():
+            entries.append((layer, role, norm))
+    if adapter.final_norm is not None:
+        entries.append((None, "final", adapter.final_norm))
+    frames = []
+    for layer, role, norm in entries:
+        if getattr(norm, "weight", None) is None:
+            continue
+        gamma = adapter.norm_scale(norm).double().numpy()
+        bias = getattr(norm, "bias", None)
+        frames.append(pd.DataFrame({
+            "layer": layer, "role": role, "dim": np.arange(len(gamma), dtype=np.int32), "gamma": gamma,
+            "beta": bias.detach().double().numpy() if bias is not None else np.nan,
+        }))
+    frame = pd.concat(frames, ignore_index=True)
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def norm_scale_stats(scales: pd.DataFrame) -> pd.DataFrame:
+    grouped = scales.groupby(["role", "layer"], sort=False, dropna=False)
+    stats = grouped["gamma"].agg(["mean", "std", "min", "max"]).reset_index()
+    stats["abs_mean"] = grouped["gamma"].apply(lambda g: g.abs().mean()).to_numpy()
+    stats["argmax_abs_dim"] = grouped.apply(lambda g: int(g["dim"].to_numpy()[np.argmax(g["gamma"].abs().to_numpy())]),
+                                            include_groups=False).to_numpy()
+    return stats
+
+
+# ---------------------------------------------------------------------------- position structure
+
+
+def position_structure(table: torch.Tensor, offsets_reported=(1, 2, 4, 8, 16, 32, 64)) -> tuple:
+    """Structure of a learned absolute position table [n_positions, d_model].
+
+    Returns (stats, offset-cosine curve, norm per position, cosine matrix).
+    """
+    p = torch.as_tensor(table).detach().to(torch.float64)
+    n = p.shape[0]
+    norms = torch.linalg.vector_norm(p, dim=1)
+    unit = p / norms.clamp_min(1e-300)[:, None]
+    cos = (unit @ unit.T).numpy()
+    offset_cos = np.array([np.diagonal(cos, offset=k).mean() for k in range(1, n)])
+    centered = p - p.mean(dim=0, keepdim=True)
+    s = singular_values(centered)
+    first = offset_cos[0] if len(offset_cos) else float("nan")
+    below = np.nonzero(offset_cos < first / 2)[0] if len(offset_cos) else np.array([])
+    stats = {
+        "n_positions": int(n),
+        "norm_mean": float(norms.mean()),
+        "norm_first": float(norms[0]),
+        "norm_last": float(norms[-1]),
+        "adjacent_cosine": float(first),
+        **{f"offset_cosine_{k}": float(offset_cos[k - 1]) for k in offsets_reported if k < n},
+        "half_similarity_offset": int(below[0] + 1) if len(below) else None,
+        "centered_entropy_effective_rank": entropy_effective_rank(s),
+        "centered_entropy_effective_rank_ratio": entropy_effective_rank(s) / min(p.shape),
+    }
+    curve = pd.DataFrame({"offset": np.arange(1, n, dtype=np.int32), "mean_cosine": offset_cos})
+    return stats, curve, norms.numpy(), cos
+
+
+# ---------------------------------------------------------------------------- the experiment
+
+
+@dataclass
+class TopologyResult:
+    metrics: pd.DataFrame  # tidy long: model, analysis, type, layer, index, metric, value
+    sparsity: pd.DataFrame
+    qk: pd.DataFrame
+    qk_spectra: pd.DataFrame
+    neurons: pd.DataFrame
+    cross_layer: pd.DataFrame
+    norm_scales: pd.DataFrame
+    position: pd.DataFrame
+    summary: dict
+    correlations: dict  # type -> matrix (for the figure)
+    position_tables: dict  # name -> (norms, cosine matrix) (for the figure)
+
+
+def _tidy(analysis: str, frame: pd.DataFrame, metrics, *, type_col: str | None = None, type_value: str = "",
+          layer_col: str | None = "layer", index_col: str | None = None, matrix_col: str | None = None) -> pd.DataFrame:
+    """Rows of ``frame`` × ``metrics`` in the experiment's tidy format."""
+    n = len(frame)
+
+    def ints(col):
+        return (frame[col].astype("Int64") if col else pd.Series(pd.array([pd.NA] * n, dtype="Int64"))).to_numpy()
+
+    base = pd.DataFrame({
+        "analysis": analysis,
+        "matrix": frame[matrix_col].astype(str).to_numpy() if matrix_col else "",
+        "type": frame[type_col].astype(str).to_numpy() if type_col else type_value,
+        "layer": pd.array(ints(layer_col), dtype="Int64"),
+        "index": pd.array(ints(index_col), dtype="Int64"),
+    })
+    parts = [base.assign(metric=m, value=frame[m].astype(float).to_numpy()) for m in metrics]
+    return pd.concat(parts, ignore_index=True) if parts else base.assign(metric="", value=np.nan).iloc[:0]
+
+
+def weight_topology(
+    adapter: ModelAdapter,
+    *,
+    model: str,
+    abs_thresholds=(1e-4, 1e-3, 1e-2, 1e-1),
+    rms_thresholds=(0.01, 0.1),
+    dead_ratio: float = 0.01,
+    degenerate_ratio: float = 0.1,
+    chunk_elements: int = 1 << 20,
+    workers: int | None = None,
+) -> TopologyResult:
+    f = adapter.facts
+    source = WeightSource(adapter)
+
+    log.info("sparsity")
+    counts = sparsity(source, abs_thresholds, rms_thresholds, workers, chunk_elements)
+    per_matrix, sparsity_by_type, sparsity_overall = sparsity_fractions(counts)
+    sparsity_cols = [c for c in per_matrix.columns if c.startswith("sparsity_")]
+
+    log.info("QK circuits (%d layers x %d heads)", adapter.n_layers, f.n_heads)
+    qk, qk_spectra = qk_circuits(adapter, workers)
+
+    log.info("MLP neurons")
+    neurons = mlp_neurons(adapter, dead_ratio, degenerate_ratio, workers)
+    per_layer_neurons = neurons.groupby("layer")["status"].value_counts().unstack(fill_value=0)
+    for status in ("dead", "degenerate", "ok"):
+        if status not in per_layer_neurons:
+            per_layer_neurons[status] = 0
+    per_layer_neurons = per_layer_neurons.reset_index()
+
+    log.info("cross-layer correlation")
+    correlations = cross_layer(source, chunk_elements, workers)
+    corr_rows = []
+    for mtype, corr in correlations.items():
+        n = corr.shape[0]
+        corr_rows += [(mtype, i, j, float(corr[i, j])) for i in range(n) for j in range(n)]
+    corr_frame = pd.DataFrame(corr_rows, columns=["type", "layer_i", "layer_j", "correlation"])
+
+    log.info("norm scales and position structure")
+    scales = norm_scales(adapter)
+    scale_stats = norm_scale_stats(scales)
+    position_rows, position_stats, position_tables = [], {}, {}
+    for w in weight_inventory(adapter):
+        if w.type != "position_embed":
+            continue
+        stats, curve, norms, cos = position_structure(source.matrix(w))
+        position_stats[w.name] = stats
+        position_tables[w.name] = (norms, cos, curve)
+        curve.insert(0, "matrix", w.name)
+        position_rows.append(curve)
+    position = (pd.concat(position_rows, ignore_index=True) if position_rows
+                else pd.DataFrame({"matrix": pd.Series(dtype=str), "offset": pd.Series(dtype=np.int32),
+                                   "mean_cosine": pd.Series(dtype=float)}))
+
+    # tidy metrics table
+    # tidy table: analysis, matrix, type, layer, index (head / paired layer), metric, value
+    parts = [
+        _tidy("sparsity", per_matrix, sparsity_cols, type_col="type", matrix_col="matrix"),
+        _tidy("qk_circuit", qk, QK_METRICS, type_value="qk", index_col="head"),
+        _tidy("mlp_neurons", per_layer_neurons, ["dead", "degenerate", "ok"], type_value="mlp"),
+        _tidy("cross_layer_correlation", corr_frame, ["correlation"], type_col="type", layer_col="layer_i",
+              index_col="layer_j"),
+        _tidy("norm_scale", scale_stats, ["mean", "std", "min", "max", "abs_mean"], type_col="role"),
+    ]
+    for name, stats in position_stats.items():
+        frame = pd.DataFrame([{k: (np.nan if v is None else float(v)) for k, v in stats.items()}])
+        parts.append(_tidy("position", frame.assign(matrix=name), list(stats), type_value="position_embed",
+                           layer_col=None, matrix_col="matrix"))
+    metrics = pd.concat(parts, ignore_index=True)
+    metrics.insert(0, "model", model)
+
+    summary = _summary(
+        adapter, model=model, sparsity_by_type=sparsity_by_type, sparsity_overall=sparsity_overall, qk=qk,
+        neurons=neurons, per_layer_neurons=per_layer_neurons, correlations=correlations, scale_stats=scale_stats,
+        position_stats=position_stats,
+        params={"abs_thresholds": list(abs_thresholds), "rms_thresholds": list(rms_thresholds),
+                "dead_ratio": dead_ratio, "degenerate_ratio": degenerate_ratio},
+    )
+    for frame in (per_matrix, qk, qk_spectra, neurons, corr_frame, scales, position):
+        frame.insert(0, "model", model)
+    return TopologyResult(metrics, per_matrix, qk, qk_spectra, neurons, corr_frame, scales, position, summary,
+                          correlations, position_tables)
+
+
+def _offdiag(corr: np.ndarray, k: int | None = None) -> np.ndarray:
+    n = corr.shape[0]
+    if k is not None:
+        return np.diagonal(corr, offset=k)
+    return corr[~np.eye(n, dtype=bool)]
+
+
+def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons, per_layer_neurons, correlations,
+             scale_stats, position_stats, params) -> dict:
+    f = adapter.facts
+    n_neurons = len(neurons)
+    qk_sorted = qk.sort_values("symmetric_energy_fraction")
+    cross = {}
+    for mtype, corr in correlations.items():
+        adjacent = _offdiag(corr, 1)
+        k = int(np.argmax(np.abs(adjacent)))
+        cross[mtype] = {
+            "adjacent_mean": float(adjacent.mean()),
+            "all_pairs_mean": float(_offdiag(corr).mean()),
+            "all_pairs_mean_abs": float(np.abs(_offdiag(corr)).mean()),
+            "strongest_adjacent": {"layers": [k, k + 1], "correlation": float(adjacent[k])},
+        }
+    block_scales = scale_stats[scale_stats["layer"].notna()]
+    norms = {}
+    for role, group in block_scales.groupby("role", sort=False):
+        group = group.sort_values("layer")
+        norms[role] = {"mean_by_layer": [float(v) for v in group["mean"]],
+                       "max_by_layer": [float(v) for v in group["max"]]}
+    for role in ("final", "embed"):
+        row = scale_stats[scale_stats["role"] == role]
+        if len(row):
+            norms[role] = {k: float(row.iloc[0][k]) for k in ("mean", "std", "min", "max")}
+    summary = {
+        "model": model,
+        "n_layers": adapter.n_layers,
+        "family": f.family,
+        "position": f.position,
+    }
+    summary.update(sparsity_overall)
+    summary.update({
+        "qk_heads": int(len(qk)),
+        "qk_symmetric_energy_fraction_mean": float(qk["symmetric_energy_fraction"].mean()),
+        "qk_positive_energy_fraction_mean": float(qk["positive_energy_fraction"].mean()),
+        "qk_entropy_effective_rank_ratio_mean": float(qk["entropy_effective_rank_ratio"].mean()),
+        "qk_most_symmetric_head": _head_name(qk_sorted.iloc[-1]),
+        "qk_most_antisymmetric_head": _head_name(qk_sorted.iloc[0]),
+        "mlp_neurons": int(n_neurons),
+        "mlp_dead_neurons": int((neurons["status"] == "dead").sum()),
+        "mlp_degenerate_neurons": int((neurons["status"] == "degenerate").sum()),
+        "mlp_dead_fraction": float((neurons["status"] == "dead").mean()) if n_neurons else None,
+        "cross_layer_adjacent_correlation_mean": (float(np.mean([c["adjacent_mean"] for c in cross.values()]))
+                                                  if cross else None),
+        "cross_layer_all_pairs_correlation_mean": (float(np.mean([c["all_pairs_mean"] for c in cross.values()]))
+                                                   if cross else None),
+    })
+    for mtype, info in cross.items():
+        summary[f"cross_layer_adjacent_correlation_{mtype}"] = info["adjacent_mean"]
+    if len(block_scales):
+        first = block_scales[block_scales["layer"] == block_scales["layer"].min()]
+        last = block_scales[block_scales["layer"] == block_scales["layer"].max()]
+        summary["norm_scale_mean_first_layer"] = float(first["mean"].mean())
+        summary["norm_scale_mean_last_layer"] = float(last["mean"].mean())
+        summary["norm_scale_max"] = float(block_scales["max"].max())
+    if "final" in norms:
+        summary["final_norm_scale_mean"] = norms["final"]["mean"]
+    for name, stats in position_stats.items():
+        for key in ("adjacent_cosine", "half_similarity_offset", "centered_entropy_effective_rank_ratio"):
+            summary[f"{name}_{key}"] = stats[key]
+    summary.update({
+        "sparsity_by_type": sparsity_by_type,
+        "qk_by_layer": {
+            "symmetric_energy_fraction": [float(v) for v in qk.groupby("layer")["symmetric_energy_fraction"].mean()],
+            "entropy_effective_rank_ratio": [float(v) for v in
+                                             qk.groupby("layer")["entropy_effective_rank_ratio"].mean()],
+        },
+        "mlp_by_layer": {
+            "dead": [int(v) for v in per_layer_neurons["dead"]],
+            "degenerate": [int(v) for v in per_layer_neurons["degenerate"]],
+        },
+        "cross_layer": cross,
+        "norm_scales": norms,
+        "position_embeddings": position_stats,
+        "definitions": DEFINITIONS,
+        "params": params,
+    })
+    return summary
+
+
+def _head_name(row) -> str:
+    return f"L{int(row['layer'])}.H{int(row['head'])}"
+
+
+# ---------------------------------------------------------------------------- figures
+
+
+def plot_qk(result: TopologyResult, path: str | Path) -> None:
+    import matplotlib as mpl
+
+    from layerscope.report.plotting import figure, save
+
+    qk, spectra = result.qk, result.qk_spectra
+    n_layers = result.summary["n_layers"]
+    cmap = mpl.colormaps["viridis"]
+    with figure(1, 3, width=12.5, height=3.9) as (fig, axes):
+        for (layer, head), group in spectra.groupby(["layer", "head"], sort=False):
+            values = group["singular_value"].to_numpy()
+            top = values[0] if values.size and values[0] > 0 else 1.0
+            axes[0].plot(group["index"], values / top, color=cmap(layer / max(1, n_layers - 1)), linewidth=0.6,
+                         alpha=0.6)
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("singular value index")
+        axes[0].set_ylabel("σ_i / σ_1 of W_Qᵀ W_K (per head)")
+        axes[0].set_title("QK circuit spectra (colour: layer 0 → last)")
+        for ax, metric, title, kwargs in (
+            (axes[1], "symmetric_energy_fraction", "symmetric energy ‖S‖²/‖M‖²", dict(cmap="RdBu_r", vmin=0, vmax=1)),
+            (axes[2], "entropy_effective_rank_ratio", "effective rank / d_head", dict(cmap="viridis", vmin=0)),
+        ):
+            grid = qk.pivot(index="layer", columns="head", values=metric).to_numpy()
+            image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", **kwargs)
+            ax.set_xlabel("query head")
+            ax.set_ylabel("layer")
+            ax.set_title(title)
+            ax.grid(False)
+            fig.colorbar(image, ax=ax)
+        fig.suptitle(f"QK circuits — {result.summary['model']} ({result.summary['qk_heads']} heads; "
+                     f"mean symmetric fraction {result.summary['qk_symmetric_energy_fraction_mean']:.3f}, 0.5 = none)")
+        save(fig, path)
+
+
+def plot_cross_layer(result: TopologyResult, path: str | Path) -> None:
+    from layerscope.report.plotting import figure, save
+
+    types = list(result.correlations)
+    ncols = max(1, min(4, len(types)))
+    nrows = max(1, int(np.ceil(len(types) / ncols)))
+    with figure(nrows, ncols, width=3.0 * ncols + 0.8, height=2.8 * nrows + 0.5) as (fig, axes):
+        axes = np.atleast_1d(axes).ravel()
+        image = None
+        # the diagonal (= 1) is left blank so the off-diagonal structure gets the whole colour range
+        scale = max([0.05] + [float(np.nanmax(np.abs(_offdiag(c)))) for c in result.correlations.values()])
+        for ax, mtype in zip(axes, types):
+            shown = result.correlations[mtype].copy()
+            np.fill_diagonal(shown, np.nan)
+            image = ax.imshow(shown, vmin=-scale, vmax=scale, cmap="RdBu_r", origin="lower",
+                              interpolation="nearest")
+            adj = result.summary["cross_layer"][mtype]["adjacent_mean"]
+            ax.set_title(f"{mtype} (adjacent mean {adj:+.3f})")
+            ax.set_xlabel("layer")
+            ax.set_ylabel("layer")
+            ax.grid(False)
+        for ax in axes[len(types):]:
+            ax.set_visible(False)
+        if image is not None:
+            fig.colorbar(image, ax=axes[len(types) - 1], label="Pearson correlation")
+        else:
+            axes[0].text(0.5, 0.5, "fewer than two layers: no cross-layer pairs", ha="center", va="center")
+        fig.suptitle(f"cross-layer Pearson correlation of same-type weights — {result.summary['model']} "
+                     "(diagonal = 1 left blank)")
+        save(fig, path)
+
+
+def plot_norm_scales(result: TopologyResult, path: str | Path) -> None:
+    from layerscope.report.plotting import PALETTE, figure, save
+
+    scales = result.norm_scales
+    blocks = scales[scales["layer"].notna()]
+    n_layers = result.summary["n_layers"]
+    with figure(1, 2, width=11.0, height=3.8) as (fig, axes):
+        roles = list(dict.fromkeys(blocks["role"]))
+        for k, role in enumerate(roles):
+            g = blocks[blocks["role"] == role].groupby("layer")["gamma"]
+            x = np.array(sorted(g.groups), dtype=int)
+            color = PALETTE[k % len(PALETTE)]
+            axes[0].plot(x, g.mean().to_numpy(), marker="o", markersize=2.5, color=color, label=f"{role} (mean γ)")
+            axes[0].fill_between(x, g.min().to_numpy(), g.max().to_numpy(), color=color, alpha=0.12)
+        final = scales[scales["role"] == "final"]
+        if len(final):
+            axes[0].errorbar([n_layers], [final["gamma"].mean()], yerr=[[final["gamma"].mean() - final["gamma"].min()],
+                             [final["gamma"].max() - final["gamma"].mean()]], fmt="s", color="black",
+                             label="final norm")
+        axes[0].set_xlabel("layer (block index; final norm at the right)")
+        axes[0].set_ylabel("γ (band: min–max over dimensions)")
+        axes[0].legend(loc="best")
+        if roles:
+            first = blocks[blocks["role"] == roles[0]]
+            grid = first.pivot(index="layer", columns="dim", values="gamma").to_numpy(dtype=float)
+            image = axes[1].imshow(np.abs(grid), aspect="auto", origin="lower", interpolation="nearest",
+                                   cmap="magma")
+            fig.colorbar(image, ax=axes[1], label="|γ|")
+            axes[1].set_xlabel("dimension")
+            axes[1].set_ylabel("layer")
+            axes[1].set_title(f"|γ| of the '{roles[0]}' norm")
+            axes[1].grid(False)
+        fig.suptitle(f"norm scales γ across depth — {result.summary['model']}")
+        save(fig, path)
+
+
+def plot_position(result: TopologyResult, path: str | Path) -> None:
+    from layerscope.report.plotting import figure, save
+
+    if not result.position_tables:
+        with figure(width=6.4, height=1.6) as (fig, ax):
+            ax.axis("off")
+            ax.text(0.5, 0.5, f"{result.summary['model']}: {result.summary['position']} position encoding — "
+                    "no learned position weights to analyse", ha="center", va="center")
+            save(fig, path)
+        return
+    items = list(result.position_tables.items())
+    with figure(len(items), 3, width=12.0, height=3.6 * len(items)) as (fig, axes):
+        axes = np.atleast_2d(axes)
+        for row, (name, (norms, cos, curve)) in zip(axes, items):
+            image = row[0].imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r", origin="lower", interpolation="nearest")
+            row[0].set_title(f"{name}: cosine between positions")
+            row[0].set_xlabel("position")
+            row[0].set_ylabel("position")
+            row[0].grid(False)
+            fig.colorbar(image, ax=row[0])
+            row[1].plot(curve["offset"], curve["mean_cosine"])
+            row[1].set_xscale("log")
+            row[1].set_xlabel("offset Δ")
+            row[1].set_ylabel("mean cos(p_i, p_{i+Δ})")
+            row[2].plot(np.arange(len(norms)), norms)
+            row[2].set_xlabel("position")
+            row[2].set_ylabel("‖p_i‖")
+        fig.suptitle(f"learned position embeddings — {result.summary['model']}")
+        save(fig, path)
+
+
+def write_outputs(result: TopologyResult, outputs) -> None:
+    get = output_getter(outputs)
+    write_parquet(get("metrics"), result.metrics)
+    write_parquet(get("sparsity"), result.sparsity)
+    write_parquet(get("qk"), result.qk)
+    write_parquet(get("qk_spectra"), result.qk_spectra)
+    write_parquet(get("neurons"), result.neurons)
+    write_parquet(get("cross_layer"), result.cross_layer)
+    write_parquet(get("norm_scales"), result.norm_scales)
+    write_parquet(get("position"), result.position)
+    plot_qk(result, get("qk_figure"))
+    plot_cross_layer(result, get("cross_layer_figure"))
+    plot_norm_scales(result, get("norm_scales_figure"))
+    plot_position(result, get("position_figure"))
+    write_json(get("summary"), result.summary)
+
+
+def run_weight_topology(model_dir, outputs, *, params: dict, model: str) -> TopologyResult:
+    """The workflow stage: load the weights (no activations), analyse, write every output."""
+    from layerscope.model.adapter import load_model
+    from layerscope.engines.weights import return_large_frees_to_the_os
+
+    return_large_frees_to_the_os()
+    adapter = load_model(model_dir, dtype="float32", device="cpu")
+    result = weight_topology(
+        adapter, model=model, abs_thresholds=tuple(params.get("abs_thresholds", (1e-4, 1e-3, 1e-2, 1e-1))),
+        rms_thresholds=tuple(params.get("rms_thresholds", (0.01, 0.1))), dead_ratio=params.get("dead_ratio", 0.01),
+        degenerate_ratio=params.get("degenerate_ratio", 0.1),
+        chunk_elements=params.get("chunk_elements", 1 << 20),
+    )
+    write_outputs(result, outputs)
+    return result

@@ -1,0 +1,381 @@
+"""Configuration: JSON-Schema validation (draft 2020-12), defaults, and what the run must build.
+
+The Snakefile calls :func:`validate_config` once at start-up; a bad key, a wrong type, an
+unknown experiment, model source or reference stops the run with a message naming it.
+Everything the rules need from the config is computed here, so it can be unit-tested.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import jsonschema
+
+from layerscope import LayerscopeError
+from layerscope.jobs import paths
+from layerscope.data.prompts import PromptSetError, load_prompt_set, zh_en_pairs
+
+SCHEMA_FILE = "resources/config.schema.json"
+
+
+class ConfigError(LayerscopeError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class ExperimentInfo:
+    name: str
+    needs: str  # "decoder" or "any": which model kinds it supports
+    # "prompts": per (model, prompt set); "weights": per model, from its weights; "inputs": per model,
+    # from inputs the experiment ships itself (e.g. contrastive groups); "pairs": per pair of models
+    # (results/cross_model/). Only "prompts" has a {pset} in its own path.
+    data: str
+    gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
+    description: str
+    # experiments whose results it reads: it runs only where every one of them runs
+    requires: tuple[str, ...] = ()
+    section: str = ""  # report section grouping a family of experiments ("" = its own name)
+    paired: bool = False  # reads zh/en paired prompt sets only (checked at start-up)
+
+    @property
+    def per_model(self) -> bool:
+        """Whether runs are per model only (results/{model}/{experiment}/), without a prompt set."""
+        return self.data in ("weights", "inputs")
+
+    @property
+    def report_section(self) -> str:
+        return self.section or self.name
+
+
+EXPERIMENTS: dict[str, ExperimentInfo] = {
+    info.name: info
+    for info in [
+        ExperimentInfo("logit_lens", "decoder", "prompts", False, "how predictions form across depth"),
+        ExperimentInfo("linearization", "any", "prompts", True, "how nonlinear each block and sub-layer is"),
+        ExperimentInfo("quantization", "decoder", "prompts", True, "how much precision each layer needs"),
+        ExperimentInfo("sensitivity_vs_linearity", "decoder", "prompts", False,
+                       "rank correlation of quantization sensitivity with the linearization gap",
+                       requires=("linearization", "quantization")),
+        ExperimentInfo("residual_geometry", "any", "prompts", False,
+                       "norms, dimensionality, isotropy, clustering and massive activations of the residual stream"),
+        ExperimentInfo("delta_svd", "decoder", "prompts", False, "the SVD of each block's residual update"),
+        ExperimentInfo("embedding_geometry", "any", "weights", False, "geometry of the (un)embedding matrix"),
+        ExperimentInfo("contrastive", "decoder", "inputs", True,
+                       "trajectories of force-decoded synonym/antonym/style/unrelated completions"),
+        ExperimentInfo("weight_spectra", "any", "weights", False, "singular-value spectra of every weight matrix"),
+        ExperimentInfo("weight_topology", "any", "weights", False,
+                       "sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions"),
+        ExperimentInfo("cross_model", "any", "pairs", False,
+                       "CKA between the layers of two models; Procrustes alignment of their embeddings"),
+        ExperimentInfo("knockout", "decoder", "prompts", True,
+                       "loss with each block skipped, pairwise synergy, causal tracing"),
+        ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
+        ExperimentInfo("shuffle", "decoder", "prompts", True, "recovering the order of shuffled blocks"),
+        # DESIGN.md experiment 13, the z_subspace suite: one weights-only mask, five analyses of paired prompts
+        ExperimentInfo("z_mask", "decoder", "weights", False, "QK-circuit subspace Z per layer and k",
+                       section="z_subspace"),
+        ExperimentInfo("z_separation", "decoder", "prompts", False, "zh/en separation and energy in Z, Z⊥, random",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("update_decomposition", "decoder", "prompts", False, "block updates split into Z and Z⊥",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("z_patching", "decoder", "prompts", True, "en←zh subspace patching during generation",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("ard_mmd", "decoder", "prompts", True, "ARD-RBF MMD lengthscales of zh vs en token clouds",
+                       section="z_subspace", paired=True),
+        ExperimentInfo("bridge", "decoder", "prompts", False, "linear map from en to zh coordinates in Z",
+                       section="z_subspace", paired=True),
+    ]
+}
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _extend_with_defaults(validator_class):
+    """A validator that fills ``default`` values of object properties while validating."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for prop, subschema in properties.items():
+                if isinstance(subschema, dict) and "default" in subschema and prop not in instance:
+                    instance[prop] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_DefaultFillingValidator = _extend_with_defaults(jsonschema.Draft202012Validator)
+
+
+def _format_error(error: jsonschema.ValidationError) -> str:
+    where = "config"
+    for part in error.absolute_path:
+        where += f"[{part!r}]" if isinstance(part, int) else f".{part}"
+    message = error.schema.get("errorMessage") if isinstance(error.schema, dict) else None
+    if error.validator == "additionalProperties" and error.validator_value is False:
+        allowed = sorted(error.schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(allowed)) if isinstance(error.instance, dict) else []
+        noun = "experiment" if list(error.absolute_path) == ["experiments"] else "key"
+        message = f"unknown {noun}(s) {extra}; allowed: {allowed}"
+    elif error.validator == "enum" and list(error.absolute_path)[-2:-1] == ["source"]:
+        message = f"unknown model source type {error.instance!r}; supported: {error.validator_value}"
+    elif error.validator == "pattern" and error.schema.get("description"):
+        message = f"{error.instance!r} is not valid: {error.schema['description']}"
+    return f"{where}: {message or error.message}"
+
+
+def load_schema(schema_path: str | Path) -> dict:
+    return json.loads(Path(schema_path).read_text())
+
+
+def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path = ".") -> dict:
+    """Validate ``config`` against the schema, fill defaults, check cross-references.
+
+    Returns a new dict (the input is not modified). Raises :class:`ConfigError` listing
+    every problem. ``base_dir`` resolves relative prompt-set paths for the existence check.
+    """
+    schema = load_schema(schema_path)
+    filled = copy.deepcopy(dict(config))
+    validator = _DefaultFillingValidator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: [str(p) for p in e.absolute_path])
+    # `oneOf`/`if` branches report their sub-errors separately; keep the most specific ones
+    problems = list(dict.fromkeys(_format_error(e) for e in errors))
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+    problems = []
+    models = filled["models"]
+    psets = filled["prompt_sets"]
+    for slug in models:
+        if slug in paths.RESERVED_MODEL_SLUGS:
+            problems.append(f"config.models.{slug}: {slug!r} is reserved (a folder of results/); rename the model")
+    weights_only = [name for name, info in EXPERIMENTS.items() if info.per_model]
+    for slug in psets:
+        if slug in weights_only:
+            problems.append(f"config.prompt_sets.{slug}: {slug!r} is the name of a weights-only experiment "
+                            "(results/{model}/" + slug + "/); rename the prompt set")
+    loaded = {}
+    for slug, pset in psets.items():
+        file = Path(base_dir) / pset["path"]
+        try:
+            loaded[slug] = load_prompt_set(file, limit=pset.get("limit"))
+        except PromptSetError as exc:
+            problems.append(f"config.prompt_sets.{slug}: {exc}")
+    for name, exp in filled["experiments"].items():
+        info = EXPERIMENTS[name]
+        for model in exp.get("models", []):
+            if model not in models:
+                problems.append(f"config.experiments.{name}.models: unknown model {model!r}; configured: {sorted(models)}")
+            elif info.needs == "decoder" and models[model]["kind"] != "decoder":
+                problems.append(
+                    f"config.experiments.{name}.models: {name} needs a decoder, but {model!r} is an {models[model]['kind']}"
+                )
+        for pset in exp.get("prompt_sets", []):
+            if pset not in psets:
+                problems.append(
+                    f"config.experiments.{name}.prompt_sets: unknown prompt set {pset!r}; configured: {sorted(psets)}"
+                )
+        if info.paired and exp.get("enabled", True):
+            for pset in exp.get("prompt_sets") or list(psets):
+                if pset not in loaded:
+                    continue  # unknown or unreadable: reported above
+                try:
+                    zh_en_pairs(loaded[pset])
+                except PromptSetError as exc:
+                    problems.append(
+                        f"config.experiments.{name}.prompt_sets: {name} needs zh/en paired prompts, but prompt set "
+                        f"{pset!r} is not one ({exc}); list only paired prompt sets under `prompt_sets`"
+                    )
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
+    return filled
+
+
+# ---------------------------------------------------------------------------- what to run
+
+
+def enabled_experiments(config: dict) -> list[str]:
+    return [name for name, exp in config["experiments"].items() if exp.get("enabled", True)]
+
+
+def experiment_models(config: dict, name: str) -> list[str]:
+    """Models an experiment runs on: those listed (or all), restricted to the kinds it supports."""
+    info = EXPERIMENTS[name]
+    exp = config["experiments"].get(name, {})
+    chosen = exp.get("models") or list(config["models"])
+    return [m for m in chosen if info.needs == "any" or config["models"][m]["kind"] == info.needs]
+
+
+def experiment_prompt_sets(config: dict, name: str) -> list[str]:
+    exp = config["experiments"].get(name, {})
+    return exp.get("prompt_sets") or list(config["prompt_sets"])
+
+
+def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
+    """Wildcard values of every run of an experiment: [{'model':…, 'pset':…}] (no pset if weights-only)."""
+    if name not in enabled_experiments(config):
+        return []
+    info = EXPERIMENTS[name]
+    models = experiment_models(config, name)
+    if info.data == "pairs":
+        return pair_runs(config, name)
+    if info.per_model:
+        runs = [{"model": m} for m in models]
+    else:
+        runs = [{"model": m, "pset": p} for m in models for p in experiment_prompt_sets(config, name)]
+    for required in info.requires:  # a cross-experiment rule needs its inputs' runs
+        available = experiment_runs(config, required)
+        runs = [r for r in runs if any(all(a.get(k) == v for k, v in r.items()) for a in available)]
+    return runs
+
+
+def model_pairs(config: dict, name: str) -> list[tuple[str, str]]:
+    """Every unordered pair of an experiment's models, in config order."""
+    models = experiment_models(config, name)
+    return [(a, b) for i, a in enumerate(models) for b in models[i + 1 :]]
+
+
+def pair_runs(config: dict, name: str) -> list[dict[str, str]]:
+    """Runs of a pairwise experiment: one per (analysis, pair[, prompt set])."""
+    runs = []
+    for analysis, data in paths.CROSS_MODEL_ANALYSES.items():
+        for a, b in model_pairs(config, name):
+            if data == "prompts":
+                runs += [{"analysis": analysis, "model_a": a, "model_b": b, "pset": p}
+                         for p in experiment_prompt_sets(config, name)]
+            else:
+                runs.append({"analysis": analysis, "model_a": a, "model_b": b})
+    return runs
+
+
+def summary_path(name: str, run: dict[str, str]) -> str:
+    info = EXPERIMENTS[name]
+    if info.data == "pairs":
+        return paths.cross_model_file(run["analysis"], paths.SUMMARY).format(**run)
+    pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.per_model)
+    return pattern.format(**run)
+
+
+def model_summaries(config: dict, model: str) -> list[str]:
+    """Every summary.json that belongs to one model's report (pairwise results go to the cross-model page)."""
+    return [
+        summary_path(name, run)
+        for name in enabled_experiments(config)
+        for run in experiment_runs(config, name)
+        if run.get("model") == model
+    ]
+
+
+def reported_models(config: dict) -> list[str]:
+    """Models with at least one experiment (each gets a report page)."""
+    return [m for m in config["models"] if model_summaries(config, m)]
+
+
+def all_summaries(config: dict) -> list[str]:
+    return [summary_path(name, run) for name in enabled_experiments(config) for run in experiment_runs(config, name)]
+
+
+def targets(config: dict) -> list[str]:
+    """Everything `rule all` asks for: every experiment's summary and the reports."""
+    out = all_summaries(config)
+    models = reported_models(config)
+    out += [paths.MODEL_REPORT_MD.format(model=m) for m in models]
+    out += [paths.MODEL_REPORT_HTML.format(model=m) for m in models]
+    if models:
+        out += [paths.CROSS_MODEL_REPORT_MD, paths.CROSS_MODEL_TABLE, paths.REPORT_INDEX]
+    # every configured model is prepared, even one no experiment uses yet
+    out += [paths.MODEL_DIR.format(model=m) for m in config["models"]]
+    return list(dict.fromkeys(out))
+
+
+# ---------------------------------------------------------------------------- parameters of rules
+
+
+def model_spec(config: dict, model: str) -> dict:
+    try:
+        return config["models"][model]
+    except KeyError:
+        raise ConfigError(f"unknown model {model!r}; configured: {sorted(config['models'])}") from None
+
+
+def prompt_set_spec(config: dict, pset: str) -> dict:
+    try:
+        return config["prompt_sets"][pset]
+    except KeyError:
+        raise ConfigError(f"unknown prompt set {pset!r}; configured: {sorted(config['prompt_sets'])}") from None
+
+
+def prepare_params(config: dict, model: str) -> dict:
+    spec = model_spec(config, model)
+    return {
+        "source": spec["source"],
+        "kind": spec["kind"],
+        "trust_remote_code": spec["trust_remote_code"],
+        "allow_pickle": spec["allow_pickle"],
+    }
+
+
+def generation_params(config: dict, model: str, pset: str) -> dict:
+    spec = model_spec(config, model)
+    gen = config["generation"]
+    ps = prompt_set_spec(config, pset)
+    system_prompt = spec["system_prompt"] if "system_prompt" in spec else gen["system_prompt"]
+    return {
+        "backend": gen["backend"],
+        "max_new_tokens": ps.get("max_new_tokens", gen["max_new_tokens"]),
+        "batch_size": gen["batch_size"],
+        "system_prompt": system_prompt,
+        "chat_template": spec["chat_template"],
+        "dtype": spec["dtype"],
+        "limit": ps.get("limit"),
+        "seed": config["seed"],
+    }
+
+
+def rendering_params(config: dict, model: str) -> dict:
+    """How a model's prompts are rendered and run, for experiments that force-decode their own inputs."""
+    spec = model_spec(config, model)
+    gen = config["generation"]
+    return {
+        "system_prompt": spec["system_prompt"] if "system_prompt" in spec else gen["system_prompt"],
+        "chat_template": spec["chat_template"],
+        "dtype": spec["dtype"],
+    }
+
+
+def activation_params(config: dict, model: str, pset: str) -> dict:
+    spec = model_spec(config, model)
+    act = config["activations"]
+    out = {
+        "batch_size": act["batch_size"],
+        "storage_dtype": act["dtype"],
+        "dtype": spec["dtype"],
+        "kind": spec["kind"],
+        "limit": prompt_set_spec(config, pset).get("limit"),
+    }
+    if spec["kind"] == "encoder":
+        # encoders have no completions: the prompt text is encoded as-is
+        out["chat_template"] = False
+    return out
+
+
+def experiment_params(config: dict, name: str) -> dict:
+    """An experiment's own parameters (without enabled/models/prompt_sets), plus the seed."""
+    exp = dict(config["experiments"].get(name, {}))
+    for key in ("enabled", "models", "prompt_sets"):
+        exp.pop(key, None)
+    exp["seed"] = config["seed"]
+    return exp
+
+
+def figure_format(config: dict) -> str:
+    return config.get("report", {}).get("figure_format", "png")
+
+
+def unique(items: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(items))

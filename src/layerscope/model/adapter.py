@@ -1,0 +1,597 @@
+"""One view of a transformer, whatever its family.
+
+Every experiment sees a model through :class:`ModelAdapter`: the token embedding, the list
+of blocks, each block's attention and MLP sub-modules and their projection weights
+(q, k, v, o, gate, up, down — fused projections split), its norms, the final norm, the
+unembedding, the architecture facts, and a block runner that executes any sequence of
+blocks from any residual state.
+
+Names of places in the model follow one scheme everywhere (sites):
+
+* ``resid.{i}`` — the residual stream entering block ``i`` (``resid.0`` is what block 0
+  actually receives: scaled embeddings for Gemma, token + position embeddings for GPT-2);
+* ``resid.{L}`` — the output of the last block, *before* the final norm;
+* projection types ``q k v o gate up down`` (plain MLPs have only ``up`` and ``down``).
+
+The block runner records, with one cheap pass, the extra arguments the model hands each
+block (attention mask of that block's type, rotary tables, position ids) and then calls
+blocks directly, so knockout/swap/shuffle never depend on the model's own layer loop (whose
+``layer_idx`` bookkeeping breaks when blocks are reordered; no KV cache is used).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from layerscope import LayerscopeError
+
+PROJECTION_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
+ATTENTION_TYPES = ("q", "k", "v", "o")
+MLP_TYPES = ("gate", "up", "down")
+
+
+class UnsupportedArchitecture(LayerscopeError):
+    """The model's architecture has no adapter."""
+
+
+@dataclass(frozen=True)
+class ProjectionRef:
+    """Where a projection's weight lives: a parameter, possibly a row block of a fused one.
+
+    ``rows`` selects output rows of the parameter as an nn.Linear stores it ([out, in]);
+    ``transposed`` marks GPT-2's Conv1D, which stores [in, out].
+    """
+
+    type: str
+    param: str  # parameter name relative to the model root
+    rows: tuple[int, ...] | slice | None = None
+    transposed: bool = False
+    bias: str | None = None
+
+
+@dataclass(frozen=True)
+class ArchFacts:
+    family: str
+    model_type: str
+    kind: str  # decoder | encoder
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    vocab_size: int
+    norm_type: str  # rmsnorm | layernorm
+    norm_position: str  # pre | post | sandwich
+    mlp_type: str  # gated | plain
+    position: str  # rotary | learned
+    tied_embeddings: bool
+    parallel_residual: bool = False
+    final_logit_softcap: float | None = None
+    norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
+
+    @property
+    def gqa_group(self) -> int:
+        """Query heads per key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its parts. Paths are dotted module names."""
+
+    name: str
+    model_types: tuple[str, ...]
+    base: str  # the backbone module below the task model ("" for the model itself)
+    blocks: str  # relative to base
+    embed: str  # relative to base
+    final_norm: str | None  # relative to base
+    attn: str  # relative to a block
+    mlp: str | None  # relative to a block
+    norms: dict[str, str]  # role -> path relative to a block
+    norm_type: str
+    norm_position: str
+    mlp_type: str
+    position: str
+    kind: str = "decoder"
+    extra_embeddings: tuple[str, ...] = ()  # position / token-type embeddings, relative to base
+    norm_weight_offset: float = 0.0
+    embed_norm: str | None = None  # a norm applied to the embeddings before block 0 (BERT), relative to base
+
+    def projection_refs(self, config, prefix: str) -> list[ProjectionRef]:  # pragma: no cover - per family
+        raise NotImplementedError
+
+
+def _llama_like_refs(config, prefix: str, *, fused_qkv: bool = False, fused_gate_up: bool = False) -> list[ProjectionRef]:
+    attn = f"{prefix}.self_attn"
+    mlp = f"{prefix}.mlp"
+    refs: list[ProjectionRef] = []
+    if fused_qkv:
+        n_q = config.num_attention_heads * _head_dim(config)
+        n_kv = _n_kv_heads(config) * _head_dim(config)
+        fused = f"{attn}.qkv_proj.weight"
+        refs += [
+            ProjectionRef("q", fused, slice(0, n_q)),
+            ProjectionRef("k", fused, slice(n_q, n_q + n_kv)),
+            ProjectionRef("v", fused, slice(n_q + n_kv, n_q + 2 * n_kv)),
+        ]
+    else:
+        for t in ("q", "k", "v"):
+            refs.append(ProjectionRef(t, f"{attn}.{t}_proj.weight", bias=f"{attn}.{t}_proj.bias"))
+    refs.append(ProjectionRef("o", f"{attn}.o_proj.weight", bias=f"{attn}.o_proj.bias"))
+    if fused_gate_up:
+        d_ff = config.intermediate_size
+        fused = f"{mlp}.gate_up_proj.weight"
+        refs += [ProjectionRef("gate", fused, slice(0, d_ff)), ProjectionRef("up", fused, slice(d_ff, 2 * d_ff))]
+    else:
+        refs += [ProjectionRef("gate", f"{mlp}.gate_proj.weight"), ProjectionRef("up", f"{mlp}.up_proj.weight")]
+    refs.append(ProjectionRef("down", f"{mlp}.down_proj.weight"))
+    return refs
+
+
+class _LlamaLike(Family):
+    def projection_refs(self, config, prefix):
+        return _llama_like_refs(config, prefix)
+
+
+class _Phi3(Family):
+    def projection_refs(self, config, prefix):
+        return _llama_like_refs(config, prefix, fused_qkv=True, fused_gate_up=True)
+
+
+class _GPT2(Family):
+    def projection_refs(self, config, prefix):
+        d = config.hidden_size
+        fused = f"{prefix}.attn.c_attn.weight"  # Conv1D [in, 3d]: columns q | k | v
+        return [
+            ProjectionRef("q", fused, slice(0, d), transposed=True),
+            ProjectionRef("k", fused, slice(d, 2 * d), transposed=True),
+            ProjectionRef("v", fused, slice(2 * d, 3 * d), transposed=True),
+            ProjectionRef("o", f"{prefix}.attn.c_proj.weight", transposed=True),
+            ProjectionRef("up", f"{prefix}.mlp.c_fc.weight", transposed=True),
+            ProjectionRef("down", f"{prefix}.mlp.c_proj.weight", transposed=True),
+        ]
+
+
+class _GPTNeoX(Family):
+    def projection_refs(self, config, prefix):
+        # query_key_value rows are interleaved per head: [h0: q k v][h1: q k v]...
+        n_heads = config.num_attention_heads
+        hs = config.hidden_size // n_heads
+        fused = f"{prefix}.attention.query_key_value.weight"
+
+        def rows(part: int) -> tuple[int, ...]:
+            return tuple(r for h in range(n_heads) for r in range(h * 3 * hs + part * hs, h * 3 * hs + (part + 1) * hs))
+
+        return [
+            ProjectionRef("q", fused, rows(0)),
+            ProjectionRef("k", fused, rows(1)),
+            ProjectionRef("v", fused, rows(2)),
+            ProjectionRef("o", f"{prefix}.attention.dense.weight"),
+            ProjectionRef("up", f"{prefix}.mlp.dense_h_to_4h.weight"),
+            ProjectionRef("down", f"{prefix}.mlp.dense_4h_to_h.weight"),
+        ]
+
+
+class _Bert(Family):
+    def projection_refs(self, config, prefix):
+        a = f"{prefix}.attention"
+        return [
+            ProjectionRef("q", f"{a}.self.query.weight"),
+            ProjectionRef("k", f"{a}.self.key.weight"),
+            ProjectionRef("v", f"{a}.self.value.weight"),
+            ProjectionRef("o", f"{a}.output.dense.weight"),
+            ProjectionRef("up", f"{prefix}.intermediate.dense.weight"),
+            ProjectionRef("down", f"{prefix}.output.dense.weight"),
+        ]
+
+
+_PRE_NORMS = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
+
+FAMILIES: tuple[Family, ...] = (
+    _LlamaLike(
+        "llama", ("llama", "mistral", "qwen2", "qwen3"), "model", "layers", "embed_tokens", "norm",
+        "self_attn", "mlp", _PRE_NORMS, "rmsnorm", "pre", "gated", "rotary",
+    ),
+    _LlamaLike(
+        "gemma", ("gemma",), "model", "layers", "embed_tokens", "norm",
+        "self_attn", "mlp", _PRE_NORMS, "rmsnorm", "pre", "gated", "rotary", norm_weight_offset=1.0,
+    ),
+    _LlamaLike(
+        "gemma2", ("gemma2",), "model", "layers", "embed_tokens", "norm", "self_attn", "mlp",
+        {
+            "attn": "input_layernorm", "attn_out": "post_attention_layernorm",
+            "mlp": "pre_feedforward_layernorm", "mlp_out": "post_feedforward_layernorm",
+        },
+        "rmsnorm", "sandwich", "gated", "rotary", norm_weight_offset=1.0,
+    ),
+    _Phi3(
+        "phi3", ("phi3",), "model", "layers", "embed_tokens", "norm",
+        "self_attn", "mlp", _PRE_NORMS, "rmsnorm", "pre", "gated", "rotary",
+    ),
+    _GPT2(
+        "gpt2", ("gpt2",), "transformer", "h", "wte", "ln_f", "attn", "mlp",
+        {"attn": "ln_1", "mlp": "ln_2"}, "layernorm", "pre", "plain", "learned", extra_embeddings=("wpe",),
+    ),
+    _GPTNeoX(
+        "gpt_neox", ("gpt_neox",), "gpt_neox", "layers", "embed_in", "final_layer_norm", "attention", "mlp",
+        _PRE_NORMS, "layernorm", "pre", "plain", "rotary",
+    ),
+    _Bert(
+        "bert", ("bert",), "", "encoder.layer", "embeddings.word_embeddings", None, "attention", None,
+        {"embed": "", "attn_out": "attention.output.LayerNorm", "mlp_out": "output.LayerNorm"},
+        "layernorm", "post", "plain", "learned", kind="encoder",
+        extra_embeddings=("embeddings.position_embeddings", "embeddings.token_type_embeddings"),
+        embed_norm="embeddings.LayerNorm",
+    ),
+)
+
+_BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_BY_MODEL_TYPE)
+
+
+def family_for(model_type: str, architectures: Sequence[str] | None = None) -> Family:
+    try:
+        return _BY_MODEL_TYPE[model_type]
+    except KeyError:
+        arch = f" (architectures {list(architectures)})" if architectures else ""
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r}{arch} is not supported by layerscope's adapter; "
+            f"supported model types: {', '.join(supported_model_types())}"
+        ) from None
+
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _n_kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInputs:
+    """What the model hands every block for one batch, besides the residual stream."""
+
+    resid0: torch.Tensor
+    args: list[tuple] = field(default_factory=list)  # positional args after hidden_states, per block
+    kwargs: list[dict] = field(default_factory=list)  # keyword args, per block
+
+
+@dataclass
+class SubLayers:
+    """The attention and MLP sub-layers of one block, as functions of the residual stream.
+
+    Each maps a residual state ``[batch, seq, d_model]`` to a residual state, skip
+    connection (and, where the family has them, its norms) included:
+
+    * pre-norm (Llama-like, Phi-3, Gemma, GPT-2, GPT-NeoX): ``attn(h) = h + Attn(norm₁(h))``,
+      ``mlp(h) = h + MLP(norm₂(h))``;
+    * Gemma 2 sandwich norms: ``attn(h) = h + norm_out(Attn(norm₁(h)))``, likewise the MLP;
+    * BERT post-norm: ``attn(h) = LN(h + Attn(h))``, ``mlp(h) = LN(h + MLP(h))``;
+    * GPT-NeoX parallel residual (``parallel``): both read the block input,
+      block(h) = h + Attn(norm₁(h)) + MLP(norm₂(h)) = attn(h) + mlp(h) − h.
+
+    :meth:`block` composes them and equals the block's own forward; :meth:`mlp_input` is
+    the state the MLP sub-layer reads (the attention sub-layer's output, or the block
+    input for a parallel residual). The callables close over the block's extra arguments
+    (masks, rotary tables) captured for one batch, so they accept that batch's shape.
+    """
+
+    attn: Callable[[torch.Tensor], torch.Tensor]
+    mlp: Callable[[torch.Tensor], torch.Tensor]
+    parallel: bool = False
+
+    def mlp_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden if self.parallel else self.attn(hidden)
+
+    def block(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            return self.attn(hidden) + self.mlp(hidden) - hidden
+        return self.mlp(self.attn(hidden))
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+class ModelAdapter:
+    """The standard view of a loaded Hugging Face model (see module docstring)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        config = model.config
+        self.config = config
+        self.family = family_for(config.model_type, getattr(config, "architectures", None))
+        base = model.get_submodule(self.family.base) if self.family.base else model
+        if self.family.kind == "decoder" and self.family.base and not hasattr(model, self.family.base):
+            raise UnsupportedArchitecture(
+                f"{type(model).__name__} has no '{self.family.base}' backbone; load decoders with AutoModelForCausalLM"
+            )
+        self.base = base
+        self._base_prefix = f"{self.family.base}." if self.family.base else ""
+        self.blocks: nn.ModuleList = base.get_submodule(self.family.blocks)
+        self.embed: nn.Embedding = base.get_submodule(self.family.embed)
+        self.final_norm: nn.Module | None = base.get_submodule(self.family.final_norm) if self.family.final_norm else None
+        self.embed_norm: nn.Module | None = base.get_submodule(self.family.embed_norm) if self.family.embed_norm else None
+        self.unembed: nn.Module | None = model.get_output_embeddings() if self.family.kind == "decoder" else None
+        n_layers = len(self.blocks)
+        if n_layers != config.num_hidden_layers:
+            raise UnsupportedArchitecture(
+                f"{config.model_type}: found {n_layers} blocks but config says {config.num_hidden_layers}"
+            )
+        tied = bool(self.unembed is not None and self.unembed.weight is self.embed.weight)
+        d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+        self.facts = ArchFacts(
+            family=self.family.name,
+            model_type=config.model_type,
+            kind=self.family.kind,
+            n_layers=n_layers,
+            d_model=config.hidden_size,
+            n_heads=config.num_attention_heads,
+            n_kv_heads=_n_kv_heads(config),
+            head_dim=_head_dim(config),
+            d_ff=int(d_ff),
+            vocab_size=config.vocab_size,
+            norm_type=self.family.norm_type,
+            norm_position=self.family.norm_position,
+            mlp_type=self.family.mlp_type,
+            position=self.family.position,
+            tied_embeddings=tied,
+            parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
+            final_logit_softcap=getattr(config, "final_logit_softcapping", None),
+            norm_weight_offset=self.family.norm_weight_offset,
+        )
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def n_layers(self) -> int:
+        return self.facts.n_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    def attention(self, i: int) -> nn.Module:
+        return self.blocks[i].get_submodule(self.family.attn)
+
+    def mlp(self, i: int) -> nn.Module | None:
+        return self.blocks[i].get_submodule(self.family.mlp) if self.family.mlp else None
+
+    def block_norms(self, i: int) -> dict[str, nn.Module]:
+        """The block's norm modules by role (attn, mlp, attn_out, mlp_out)."""
+        return {role: self.blocks[i].get_submodule(path) for role, path in self.family.norms.items() if path}
+
+    def norm_scale(self, norm: nn.Module) -> torch.Tensor:
+        """The effective per-dimension scale γ of a norm (Gemma stores γ − 1)."""
+        return norm.weight.detach() + self.facts.norm_weight_offset
+
+    def param_name(self, path: str) -> str:
+        """Parameter (or module) name relative to the model root of a path relative to the backbone."""
+        return f"{self._base_prefix}{path}"
+
+    def block_prefix(self, i: int) -> str:
+        return f"{self._base_prefix}{self.family.blocks}.{i}"
+
+    def projection_refs(self, i: int) -> list[ProjectionRef]:
+        return self.family.projection_refs(self.config, self.block_prefix(i))
+
+    def projections(self, i: int) -> dict[str, torch.Tensor]:
+        """Projection weights of block i as [out, in] matrices (fused ones split), by type."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        out = {}
+        for ref in self.projection_refs(i):
+            w = params[ref.param].detach()
+            if ref.transposed:
+                w = w.T
+            if isinstance(ref.rows, slice):
+                w = w[ref.rows]
+            elif ref.rows is not None:
+                w = w[list(ref.rows)]
+            out[ref.type] = w
+        return out
+
+    def linear_weight_names(self) -> list[str]:
+        """Every 2-D weight parameter of the model (embeddings included), without duplicates of tied weights."""
+        return [n for n, p in self.model.named_parameters() if p.ndim == 2]
+
+    # ------------------------------------------------------------------ block runner
+
+    @torch.no_grad()
+    def capture_block_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             position_ids: torch.Tensor | None = None) -> BlockInputs:
+        """Run the model up to its first block and record what each block would be handed.
+
+        No block is executed: each block's forward is swapped for a recorder that passes the
+        residual through unchanged, and the pass stops after the last block. ``attention_mask``
+        is the usual 2-D padding mask or a prepared 4-D mask (passed through as-is, with
+        explicit ``position_ids``: packed sequences).
+        """
+        captured = BlockInputs(resid0=torch.empty(0))
+        n = self.n_layers
+        records: list[tuple[tuple, dict] | None] = [None] * n
+
+        def recorder(index: int):
+            def forward(*args, **kwargs):
+                if args:
+                    hidden, rest = args[0], tuple(args[1:])
+                else:
+                    hidden, rest = kwargs.pop("hidden_states"), ()
+                if index == 0:
+                    captured.resid0 = hidden
+                records[index] = (rest, kwargs)
+                if index == n - 1:
+                    raise _StopForward
+                return hidden
+
+            return forward
+
+        for i, block in enumerate(self.blocks):
+            block.forward = recorder(i)
+        try:
+            extra = {} if position_ids is None else {"position_ids": position_ids}
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        except _StopForward:
+            pass
+        finally:
+            for block in self.blocks:
+                del block.forward
+        if any(r is None for r in records):
+            raise UnsupportedArchitecture(f"{self.facts.model_type}: the model's forward did not call every block")
+        captured.args = [r[0] for r in records]
+        captured.kwargs = [r[1] for r in records]
+        return captured
+
+    def run_block(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        out = self.blocks[index](hidden, *inputs.args[index], **inputs.kwargs[index])
+        return out[0] if isinstance(out, tuple) else out
+
+    def run_blocks(self, hidden: torch.Tensor, sequence: Iterable[int], inputs: BlockInputs) -> torch.Tensor:
+        """Apply blocks in the given order (repeats, skips and permutations allowed)."""
+        for index in sequence:
+            hidden = self.run_block(index, hidden, inputs)
+        return hidden
+
+    def _block_call_kwargs(self, index: int, inputs: BlockInputs) -> dict[str, Any]:
+        """The block's extra arguments by name (what it hands its attention module)."""
+        block = self.blocks[index]
+        bound = inspect.signature(block.forward).bind(None, *inputs.args[index], **inputs.kwargs[index])
+        params = list(inspect.signature(block.forward).parameters.values())
+        named: dict[str, Any] = {}
+        for name, value in bound.arguments.items():
+            if name == params[0].name:
+                continue  # the hidden states
+            kind = next(p.kind for p in params if p.name == name)
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(value)
+            elif kind is not inspect.Parameter.VAR_POSITIONAL:
+                named[name] = value
+        # cross-attention inputs are the block's own business (always None for these models)
+        for key in ("encoder_hidden_states", "encoder_attention_mask"):
+            named.pop(key, None)
+        return named
+
+    def sublayers(self, index: int, inputs: BlockInputs) -> SubLayers:
+        """Block ``index``'s attention and MLP sub-layers as residual-to-residual functions.
+
+        ``inputs`` is the batch's :class:`BlockInputs` (from :meth:`capture_block_inputs`);
+        see :class:`SubLayers` for the definition per family. Dropout modules are not
+        called: the adapter's model is in eval mode, where they are the identity.
+        """
+        block = self.blocks[index]
+        named = self._block_call_kwargs(index, inputs)
+        if self.family.norm_position == "post":  # BERT: the norms sit inside the sub-layers
+            attention = self.attention(index)
+            return SubLayers(
+                attn=lambda h: _first(attention(h, **named)),
+                mlp=lambda h: block.output(block.intermediate(h), h),
+            )
+        norms = self.block_norms(index)
+        attention, mlp = self.attention(index), self.mlp(index)
+        identity = lambda x: x  # noqa: E731
+        attn_out, mlp_out = norms.get("attn_out", identity), norms.get("mlp_out", identity)
+        return SubLayers(
+            attn=lambda h: h + attn_out(_first(attention(norms["attn"](h), **named))),
+            mlp=lambda h: h + mlp_out(mlp(norms["mlp"](h))),
+            parallel=bool(getattr(block, "use_parallel_residual", False)),
+        )
+
+    def use_attention(self, implementation: str) -> None:
+        """Switch the attention kernel (e.g. ``"eager"``: forward-mode AD through attention
+        needs it; PyTorch's CPU flash kernel has no jvp). Capture block inputs afterwards."""
+        if getattr(self.model.config, "_attn_implementation", None) != implementation:
+            self.model.set_attn_implementation(implementation)
+
+    # ------------------------------------------------------------------ read-out
+
+    def readout(self, hidden: torch.Tensor) -> torch.Tensor:
+        """What the model applies after its last block: final norm, unembedding, logit soft-cap."""
+        if self.unembed is None:
+            raise LayerscopeError(f"{self.facts.model_type} is an encoder: it has no unembedding to read out")
+        h = self.final_norm(hidden) if self.final_norm is not None else hidden
+        logits = self.unembed(h)
+        cap = self.facts.final_logit_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise LayerscopeError(f"{model_dir}: no config.json (not a Hugging Face model folder)")
+    return json.loads(path.read_text())
+
+
+def check_supported(model_dir: str | Path, kind: str | None = None) -> Family:
+    """Fail early, from config.json alone, if the architecture (or the declared kind) does not fit."""
+    cfg = read_model_config(model_dir)
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise UnsupportedArchitecture(f"{model_dir}: config.json has no model_type")
+    family = family_for(model_type, cfg.get("architectures"))
+    if kind is not None and kind != family.kind:
+        raise LayerscopeError(
+            f"{model_dir}: the config says kind '{kind}' but {model_type} is an {family.kind}; "
+            f"set `kind: {family.kind}` for this model"
+        )
+    return family
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    device = torch.device(device)
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    kind: str | None = None,
+) -> ModelAdapter:
+    """Load a prepared model folder (safetensors only) and wrap it in an adapter."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    family = check_supported(model_dir, kind)
+    torch_dtype = resolve_dtype(dtype, device)
+    cls = AutoModelForCausalLM if family.kind == "decoder" else AutoModel
+    model = cls.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True)
+    model.to(device)
+    model.eval()
+    return ModelAdapter(model)
+
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
