@@ -444,8 +444,11 @@ def test_patching_with_own_states_reproduces_the_unpatched_model_exactly(paired,
     positions = states.positions(pair.en.id)
     kinds = ["z", "z_perp", "full", "random"]
     ids = torch.tensor([prompt] * (len(kinds) + 1))
-    own = _own_states(adapter, ids, 3)[0, positions]
-    patches = [None] + [Patch(3, kind, None if kind == "full" else mask.basis(3, 16), positions, own) for kind in kinds]
+    # each row is patched with its own recorded state: a batched CPU matmul need not give every row
+    # bit-identical results, so row 0's state is not row 4's to the last bit
+    own = _own_states(adapter, ids, 3)[:, positions]
+    patches = [None] + [Patch(3, kind, None if kind == "full" else mask.basis(3, 16), positions, own[row])
+                        for row, kind in enumerate(kinds, start=1)]
     logits = patched_logits(adapter, ids, patches)
     plain = patched_logits(adapter, ids, [None] * len(patches))
     assert torch.equal(logits, plain)  # bit for bit
