@@ -5,6 +5,8 @@
 #
 # The run is described by config.yaml (validated against resources/config.schema.json).
 
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,21 +24,16 @@ include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/completions.smk"
 include: "rules/activations.smk"
-include: "rules/logit_lens.smk"
-include: "rules/linearization.smk"
-include: "rules/quantization.smk"
-include: "rules/sensitivity_vs_linearity.smk"
-include: "rules/residual_geometry.smk"
-include: "rules/delta_svd.smk"
-include: "rules/embedding_geometry.smk"
-include: "rules/contrastive.smk"
-include: "rules/weight_spectra.smk"
-include: "rules/weight_topology.smk"
-include: "rules/cross_model.smk"
-include: "rules/knockout.smk"
-include: "rules/swap.smk"
-include: "rules/shuffle.smk"
-include: "rules/z_subspace.smk"
+include: "rules/experiments.smk"
+
+
+# experiments not yet declared in the registry keep their own rule files
+for _legacy in ["rules/logit_lens.smk", "rules/linearization.smk", "rules/quantization.smk", "rules/sensitivity_vs_linearity.smk", "rules/residual_geometry.smk", "rules/delta_svd.smk", "rules/embedding_geometry.smk", "rules/contrastive.smk", "rules/weight_spectra.smk", "rules/weight_topology.smk", "rules/cross_model.smk", "rules/knockout.smk", "rules/swap.smk", "rules/shuffle.smk", "rules/z_subspace.smk"]:
+    if Path(workflow.basedir, _legacy).exists():
+
+        include: _legacy
+
+
 include: "rules/report.smk"
 
 

@@ -122,3 +122,42 @@ def experiment_input(name, key):
 
 def rendering_params(wildcards):
     return lsconfig.rendering_params(config, wildcards.model)
+
+
+def experiment_inputs(name):
+    """Input function of an experiment rule: its declared inputs, by name (see the registry's INPUTS)."""
+
+    def inputs(wildcards):
+        return lsconfig.experiment_input_paths(config, name, dict(wildcards.items()))
+
+    return inputs
+
+
+def experiment_outputs(exp):
+    """An experiment rule's outputs; figures are registered with Snakemake's report."""
+    out = {}
+    figures = {f"figure_{f.name}": f for f in exp.figures}
+    for key, pattern in exp.outputs(FIGURE).items():
+        if key in figures:
+            figure = figures[key]
+            labels = {"figure": figure.label}
+            if exp.pairwise:
+                labels = {"models": "{model_a} vs {model_b}", **({"prompt set": "{pset}"} if "pset" in exp.wildcards else {}), **labels}
+            else:
+                labels = {"model": "{model}", **({"prompt set": "{pset}"} if "pset" in exp.wildcards else {}), **labels}
+            out[key] = report(
+                pattern,
+                caption=f"../{exp.caption(figure)}",
+                category=exp.report_section,
+                subcategory=exp.name if exp.report_section != exp.name else None,
+                labels=labels,
+            )
+        else:
+            out[key] = pattern
+    return out
+
+
+def experiment_resources(exp):
+    if exp.gpu:
+        return {"gpu": 1, "mem_mb": GPU_MEM_MB, "runtime": exp.runtime}
+    return {"mem_mb": CPU_MEM_MB, "runtime": exp.runtime}

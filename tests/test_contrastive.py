@@ -18,7 +18,7 @@ from layerscope.experiments.geometry.contrastive import (
     RELATIONS, ContrastiveGroupsError, common_prefix_length, contrastive, crossover, encode_groups, force_decode,
     load_groups, shared_prefix, write_outputs,
 )
-from layerscope.experiments.lens.logit_lens import Readout
+from layerscope.engines.readout import Readout
 from tiny_models import tiny_configs
 
 GROUPS = REPO / "resources" / "contrastive" / "groups.json"

@@ -14,9 +14,10 @@ from scipy.stats import ortho_group
 from conftest import REPO, save_tiny_model
 from layerscope import LayerscopeError
 from layerscope.jobs import config as lsconfig
+from layerscope.jobs.writer import run_experiment
 from layerscope.experiments.cross_model.cross_model import (
     cka_from_grams, cka_matrix, cross_model_cka, gram, hsic_unbiased, linear_cka, procrustes_alignment,
-    run_cross_model_procrustes, shared_vocabulary,
+    shared_vocabulary,
 )
 
 
@@ -195,9 +196,14 @@ def test_procrustes_between_prepared_models_sharing_or_not_a_tokenizer(stories_d
     from layerscope.model.adapter import load_tokenizer
 
     tiny = save_tiny_model("llama", tmp_path / "tiny", stories_dir)  # stories' tokenizer, width 32
-    out = {"summary": tmp_path / "s.json", "metrics": tmp_path / "m.parquet"}
-    params = {"train_fraction": 0.5, "knn": 10, "max_eval_tokens": 100}
-    summary = run_cross_model_procrustes(stories_dir, tiny, out, params=params, model_a="stories", model_b="tiny")
+    out = {"summary": tmp_path / "s.json", "table_metrics": tmp_path / "m.parquet"}
+    params = {"train_fraction": 0.5, "knn": 10, "max_eval_tokens": 100, "seed": 0}
+
+    def procrustes(model_b, name):
+        return run_experiment("cross_model_procrustes", {"model_a": stories_dir, "model_b": model_b}, out,
+                              params=params, wildcards={"model_a": "stories", "model_b": name}).summary
+
+    summary = procrustes(tiny, "tiny")
     assert summary["applicable"] and summary["same_tokenizer"]
     assert (summary["n_shared"], summary["n_heldout"], summary["pca_reduced"]) == (512, 100, "a")
     assert json.loads(out["summary"].read_text())["model_b"] == "tiny"
@@ -211,7 +217,7 @@ def test_procrustes_between_prepared_models_sharing_or_not_a_tokenizer(stories_d
     (other / "tokenizer.json").write_text(json.dumps(spec))
     shared = shared_vocabulary(load_tokenizer(stories_dir), load_tokenizer(other))
     assert not shared["same_tokenizer"] and shared["n_shared_tokens"] == 512
-    summary = run_cross_model_procrustes(stories_dir, other, out, params=params, model_a="stories", model_b="other")
+    summary = procrustes(other, "other")
     assert summary["applicable"] is False and "tokenizer" in summary["reason"]
 
 
@@ -236,7 +242,7 @@ def test_pair_runs_and_their_summary_paths():
     assert lsconfig.model_summaries(cfg, "a") == ["results/a/weight_spectra/summary.json"]
     assert lsconfig.experiment_params(cfg, "cross_model")["pooled_tokens"] == "prompt"
     single = config_with(["a"], {"cross_model": {}})
-    assert lsconfig.experiment_runs(single, "cross_model") == []
+    assert lsconfig.experiment_runs(single, "cross_model_cka") == lsconfig.experiment_runs(single, "cross_model_procrustes") == []
 
 
 def test_pair_summary_paths_are_labelled_in_the_cross_model_table():

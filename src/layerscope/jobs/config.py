@@ -50,11 +50,18 @@ class ExperimentInfo:
     def report_section(self) -> str:
         return self.section or self.name
 
+    @property
+    def key(self) -> str:
+        return self.name
+
+    @property
+    def pairwise(self) -> bool:
+        return False
+
 
 EXPERIMENTS: dict[str, ExperimentInfo] = {
     info.name: info
     for info in [
-        ExperimentInfo("logit_lens", "decoder", "prompts", False, "how predictions form across depth"),
         ExperimentInfo("linearization", "any", "prompts", True, "how nonlinear each block and sub-layer is"),
         ExperimentInfo("quantization", "decoder", "prompts", True, "how much precision each layer needs"),
         ExperimentInfo("sensitivity_vs_linearity", "decoder", "prompts", False,
@@ -69,8 +76,6 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
         ExperimentInfo("weight_spectra", "any", "weights", False, "singular-value spectra of every weight matrix"),
         ExperimentInfo("weight_topology", "any", "weights", False,
                        "sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions"),
-        ExperimentInfo("cross_model", "any", "pairs", False,
-                       "CKA between the layers of two models; Procrustes alignment of their embeddings"),
         ExperimentInfo("knockout", "decoder", "prompts", True,
                        "loss with each block skipped, pairwise synergy, causal tracing"),
         ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
@@ -130,7 +135,10 @@ def _format_error(error: jsonschema.ValidationError) -> str:
 
 
 def load_schema(schema_path: str | Path) -> dict:
-    return json.loads(Path(schema_path).read_text())
+    """The full schema: the shipped file with every registered experiment's block (see jobs.schema)."""
+    from layerscope.jobs.schema import build_schema
+
+    return build_schema(schema_path)
 
 
 def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path = ".") -> dict:
@@ -154,7 +162,8 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
     for slug in models:
         if slug in paths.RESERVED_MODEL_SLUGS:
             problems.append(f"config.models.{slug}: {slug!r} is reserved (a folder of results/); rename the model")
-    weights_only = [name for name, info in EXPERIMENTS.items() if info.per_model]
+    weights_only = [info.folder or info.name if hasattr(info, "folder") else info.name
+                    for info in experiment_infos().values() if info.per_model]
     for slug in psets:
         if slug in weights_only:
             problems.append(f"config.prompt_sets.{slug}: {slug!r} is the name of a weights-only experiment "
@@ -167,7 +176,7 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
         except PromptSetError as exc:
             problems.append(f"config.prompt_sets.{slug}: {exc}")
     for name, exp in filled["experiments"].items():
-        info = EXPERIMENTS[name]
+        info = info_of(name)
         for model in exp.get("models", []):
             if model not in models:
                 problems.append(f"config.experiments.{name}.models: unknown model {model!r}; configured: {sorted(models)}")
@@ -199,30 +208,61 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
 # ---------------------------------------------------------------------------- what to run
 
 
+def experiment_infos() -> dict:
+    """Every experiment (rule) by name: the registry's, then legacy declarations not yet registered."""
+    from layerscope.experiments.registry import experiments
+
+    registered = experiments()
+    keys = {exp.key for exp in registered.values()}
+    legacy = {name: info for name, info in EXPERIMENTS.items() if name not in keys}
+    return {**registered, **legacy}
+
+
+def _rules_of(key: str) -> list:
+    """Experiments (rules) that read config block ``key``."""
+    return [info for info in experiment_infos().values() if getattr(info, "key", info.name) == key]
+
+
+def info_of(key: str):
+    """What the config block ``key`` runs (the first of its rules: they share needs and data kind)."""
+    found = _rules_of(key)
+    if not found:
+        raise ConfigError(f"unknown experiment {key!r}")
+    return found[0]
+
+
 def enabled_experiments(config: dict) -> list[str]:
+    """Enabled config blocks (experiment keys)."""
     return [name for name, exp in config["experiments"].items() if exp.get("enabled", True)]
+
+
+def enabled_rules(config: dict) -> list[str]:
+    """Names of the experiment rules that run (a config block may have several, e.g. cross_model)."""
+    enabled = set(enabled_experiments(config))
+    return [name for name, info in experiment_infos().items() if getattr(info, "key", name) in enabled]
 
 
 def experiment_models(config: dict, name: str) -> list[str]:
     """Models an experiment runs on: those listed (or all), restricted to the kinds it supports."""
-    info = EXPERIMENTS[name]
-    exp = config["experiments"].get(name, {})
+    info = experiment_infos().get(name) or info_of(name)
+    exp = config["experiments"].get(getattr(info, "key", name), {})
     chosen = exp.get("models") or list(config["models"])
     return [m for m in chosen if info.needs == "any" or config["models"][m]["kind"] == info.needs]
 
 
 def experiment_prompt_sets(config: dict, name: str) -> list[str]:
-    exp = config["experiments"].get(name, {})
+    info = experiment_infos().get(name)
+    exp = config["experiments"].get(getattr(info, "key", name), {})
     return exp.get("prompt_sets") or list(config["prompt_sets"])
 
 
 def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
-    """Wildcard values of every run of an experiment: [{'model':…, 'pset':…}] (no pset if weights-only)."""
-    if name not in enabled_experiments(config):
+    """Wildcard values of every run of an experiment rule: [{'model':…, 'pset':…}] (no pset if per model)."""
+    info = experiment_infos()[name]
+    if getattr(info, "key", name) not in enabled_experiments(config):
         return []
-    info = EXPERIMENTS[name]
     models = experiment_models(config, name)
-    if info.data == "pairs":
+    if info.pairwise:
         return pair_runs(config, name)
     if info.per_model:
         runs = [{"model": m} for m in models]
@@ -241,22 +281,21 @@ def model_pairs(config: dict, name: str) -> list[tuple[str, str]]:
 
 
 def pair_runs(config: dict, name: str) -> list[dict[str, str]]:
-    """Runs of a pairwise experiment: one per (analysis, pair[, prompt set])."""
+    """Runs of a pairwise experiment rule: one per pair (and prompt set, where it reads activation caches)."""
+    info = experiment_infos()[name]
     runs = []
-    for analysis, data in paths.CROSS_MODEL_ANALYSES.items():
-        for a, b in model_pairs(config, name):
-            if data == "prompts":
-                runs += [{"analysis": analysis, "model_a": a, "model_b": b, "pset": p}
-                         for p in experiment_prompt_sets(config, name)]
-            else:
-                runs.append({"analysis": analysis, "model_a": a, "model_b": b})
+    for a, b in model_pairs(config, name):
+        if info.uses_prompt_sets:
+            runs += [{"model_a": a, "model_b": b, "pset": p} for p in experiment_prompt_sets(config, name)]
+        else:
+            runs.append({"model_a": a, "model_b": b})
     return runs
 
 
 def summary_path(name: str, run: dict[str, str]) -> str:
-    info = EXPERIMENTS[name]
-    if info.data == "pairs":
-        return paths.cross_model_file(run["analysis"], paths.SUMMARY).format(**run)
+    info = experiment_infos()[name]
+    if hasattr(info, "output_file"):
+        return info.output_file(paths.SUMMARY).format(**run)
     pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.per_model)
     return pattern.format(**run)
 
@@ -265,7 +304,7 @@ def model_summaries(config: dict, model: str) -> list[str]:
     """Every summary.json that belongs to one model's report (pairwise results go to the cross-model page)."""
     return [
         summary_path(name, run)
-        for name in enabled_experiments(config)
+        for name in enabled_rules(config)
         for run in experiment_runs(config, name)
         if run.get("model") == model
     ]
@@ -277,7 +316,7 @@ def reported_models(config: dict) -> list[str]:
 
 
 def all_summaries(config: dict) -> list[str]:
-    return [summary_path(name, run) for name in enabled_experiments(config) for run in experiment_runs(config, name)]
+    return [summary_path(name, run) for name in enabled_rules(config) for run in experiment_runs(config, name)]
 
 
 def targets(config: dict) -> list[str]:
@@ -291,6 +330,31 @@ def targets(config: dict) -> list[str]:
     # every configured model is prepared, even one no experiment uses yet
     out += [paths.MODEL_DIR.format(model=m) for m in config["models"]]
     return list(dict.fromkeys(out))
+
+
+def experiment_input_paths(config: dict, name: str, wildcards: dict[str, str]) -> dict[str, str]:
+    """The files an experiment rule reads, by its declared input names, for one run's wildcards."""
+    from layerscope.experiments.registry import get
+
+    exp = get(name)
+    out = {}
+    for item in exp.inputs:
+        if item.startswith("param:"):
+            out[item.split(":", 1)[1]] = config["experiments"][exp.key][item.split(":", 1)[1]]
+        elif item.startswith("summary:"):
+            other = item.split(":", 1)[1]
+            out[other] = get(other).output_file(paths.SUMMARY).format(**wildcards)
+        elif item == "prompts":
+            out[item] = prompt_set_spec(config, wildcards["pset"])["path"]
+        elif item == "mask":
+            out[item] = get("z_mask").output_file("z_mask.safetensors").format(model=wildcards["model"])
+        elif item in ("model", "model_a", "model_b"):
+            out[item] = paths.MODEL_DIR.format(model=wildcards[item])
+        else:  # resid, tokens (of the model), resid_a, tokens_b, … (of a pair's model)
+            part, _, side = item.partition("_")
+            model = wildcards[f"model_{side}"] if side else wildcards["model"]
+            out[item] = {"resid": paths.RESID, "tokens": paths.TOKENS}[part].format(model=model, pset=wildcards["pset"])
+    return out
 
 
 # ---------------------------------------------------------------------------- parameters of rules

@@ -73,19 +73,6 @@ def run_extract(model_dir, resid_path, tokens_path, *, params: dict, device: tor
                                batch_size=params["batch_size"], storage=params["storage_dtype"], metadata=metadata)
 
 
-def run_logit_lens(model_dir, resid_path, outputs, *, params: dict, model: str, prompt_set: str):
-    from layerscope.experiments.lens.logit_lens import logit_lens, write_outputs
-
-    adapter = load_model(model_dir, dtype="float32", device="cpu", kind="decoder")
-    cache = ActivationCache(Path(resid_path).parent)
-    result = logit_lens(
-        adapter, cache, model=model, prompt_set=prompt_set, topk=params["topk"], n_phases=params["n_phases"],
-        chunk_tokens=params["chunk_tokens"],
-    )
-    write_outputs(result, outputs)
-    return result
-
-
 # ---------------------------------------------------------------------------- layer surgery
 
 

@@ -63,9 +63,9 @@ def scope_label(experiment: str, prompt_set: str) -> str:
     """What a result was computed from: a prompt set, the weights, or the experiment's own inputs."""
     if prompt_set:
         return f"prompt set `{prompt_set}`"
-    from layerscope.jobs.config import EXPERIMENTS
+    from layerscope.jobs.config import experiment_infos
 
-    info = EXPERIMENTS.get(experiment)
+    info = experiment_infos().get(experiment)
     return "its own inputs" if info is not None and info.data == "inputs" else "weights"
 
 
@@ -144,8 +144,9 @@ def model_report(model: str, summary_paths: list[str | Path], manifest_path: str
         rows = [[k, _fmt(v)] for k, v in facts.items()]
         md += ["## Architecture", "", _md_table(["fact", "value"], rows), ""]
         body += ["<h2>Architecture</h2>", _html_table(["fact", "value"], rows)]
-    from layerscope.jobs.config import EXPERIMENTS
+    from layerscope.jobs.config import experiment_infos
 
+    EXPERIMENTS = experiment_infos()
     # experiments of one family (ExperimentInfo.section, e.g. z_subspace) share one section
     sections: dict[str, list[tuple[str, Path]]] = {}
     for path in map(Path, summary_paths):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -224,21 +225,12 @@ def plot_cka(result: CkaResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_cka_outputs(result: CkaResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("cka"), result.table)
-    plot_cka(result, get("heatmap"))
-    write_json(get("summary"), result.summary)
-
-
-def run_cross_model_cka(resid_a, resid_b, outputs, *, params: dict, model_a: str, model_b: str,
-                        prompt_set: str) -> CkaResult:
-    cache_a = ActivationCache(Path(resid_a).parent)
-    cache_b = ActivationCache(Path(resid_b).parent)
-    result = cross_model_cka(cache_a, cache_b, model_a=model_a, model_b=model_b, prompt_set=prompt_set,
-                             tokens=params.get("pooled_tokens", "prompt"))
-    write_cka_outputs(result, outputs)
-    return result
+def run_cka(job: Job) -> Result:
+    cache_a = ActivationCache(Path(job.input("resid_a")).parent)
+    cache_b = ActivationCache(Path(job.input("resid_b")).parent)
+    result = cross_model_cka(cache_a, cache_b, model_a=job.wildcards["model_a"], model_b=job.wildcards["model_b"],
+                             prompt_set=job.prompt_set, tokens=job.params["pooled_tokens"])
+    return Result(summary=result.summary, tables={"cka": result.table}, figures={"cka": partial(plot_cka, result)})
 
 
 # ---------------------------------------------------------------------------- Procrustes
@@ -342,11 +334,12 @@ def procrustes_alignment(emb_a, emb_b, *, train_fraction: float = 0.5, seed: int
     return summary, pd.DataFrame(rows, columns=["method", "metric", "value"])
 
 
-def run_cross_model_procrustes(model_dir_a, model_dir_b, outputs, *, params: dict, model_a: str, model_b: str,
-                               seed: int = 0) -> dict:
+def run_procrustes(job: Job) -> Result:
     from layerscope.model.adapter import load_model, load_tokenizer
 
-    get = output_getter(outputs)
+    params, seed = job.params, job.params["seed"]
+    model_dir_a, model_dir_b = job.input("model_a"), job.input("model_b")
+    model_a, model_b = job.wildcards["model_a"], job.wildcards["model_b"]
     vocab = shared_vocabulary(load_tokenizer(model_dir_a), load_tokenizer(model_dir_b))
     summary = {"model_a": model_a, "model_b": model_b,
                **{k: vocab[k] for k in ("same_tokenizer", "vocab_a", "vocab_b", "n_shared_tokens")}}
@@ -376,6 +369,61 @@ def run_cross_model_procrustes(model_dir_a, model_dir_b, outputs, *, params: dic
     }
     frame.insert(0, "model_b", model_b)
     frame.insert(0, "model_a", model_a)
-    write_parquet(get("metrics"), frame)
-    write_json(get("summary"), summary)
-    return summary
+    return Result(summary=summary, tables={"metrics": frame})
+
+
+_DESCRIPTION = 'DESIGN.md experiment 14, for every pair of the models: linear CKA between all layers on each prompt set (from the activation caches, one mean-pooled vector per prompt), and orthogonal Procrustes alignment of the input embeddings for pairs sharing a tokenizer.'
+
+EXPERIMENT = [
+    Experiment(
+        name="cross_model_cka",
+        family="cross_model",
+        description="CKA between the layers of two models on a shared prompt set",
+        description_long=_DESCRIPTION,
+        needs="any",
+        data="model_pairs",
+        gpu=False,
+        inputs=("resid_a", "tokens_a", "resid_b", "tokens_b"),
+        run=run_cka,
+        tables=("cka",),
+        figures=(Figure("cka", "CKA heatmap"),),
+        params={'pooled_tokens': {'description': "Tokens mean-pooled per prompt for CKA: 'prompt' = the prompt's own text "
+                                          "tokens (the same text in every model), 'all' = every cached token of the "
+                                          "sequence (system message, template and the model's own completion "
+                                          'included).',
+                           'enum': ['prompt', 'all'],
+                           'default': 'prompt'},
+         'train_fraction': {'description': 'Fraction of the shared vocabulary (seeded permutation) on which the '
+                                           'Procrustes rotation is fitted; the rest is held out.',
+                            'type': 'number',
+                            'exclusiveMinimum': 0,
+                            'exclusiveMaximum': 1,
+                            'default': 0.5},
+         'knn': {'description': 'k of the held-out k-NN overlap.', 'type': 'integer', 'minimum': 1, 'default': 10},
+         'max_eval_tokens': {'description': 'At most this many held-out tokens are scored (k-NN needs their pairwise '
+                                            'similarities).',
+                             'type': 'integer',
+                             'minimum': 10,
+                             'default': 4000}},
+        threads=1,
+        runtime=30,
+        config_key="cross_model",
+        folder="cka",
+    ),
+    Experiment(
+        name="cross_model_procrustes",
+        family="cross_model",
+        description="Procrustes alignment of two models' input embeddings (pairs sharing a tokenizer)",
+        needs="any",
+        data="model_pairs",
+        gpu=False,
+        inputs=("model_a", "model_b"),
+        run=run_procrustes,
+        tables=("metrics",),
+        threads=2,
+        runtime=30,
+        config_key="cross_model",
+        folder="procrustes",
+        uses_prompt_sets=False,
+    ),
+]

@@ -42,7 +42,8 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.model.generate import encode_prompts, uses_chat_template
 from layerscope.jobs.io import output_getter, sha256_json, write_json, write_parquet
-from layerscope.experiments.lens.logit_lens import Readout, first_true, stays_true_from
+from layerscope.engines.readout import Readout
+from layerscope.experiments.lens.logit_lens import first_true, stays_true_from
 from layerscope.data.prompts import ID_PATTERN, Prompt
 
 log = logging.getLogger(__name__)

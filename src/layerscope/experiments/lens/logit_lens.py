@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,9 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.model.adapter import ModelAdapter
-from layerscope.jobs.io import output_getter, write_json, write_parquet
 from layerscope.engines.phases import phases_from_boundaries, segment
+from layerscope.engines.readout import Readout
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -48,29 +50,6 @@ class LensArrays:
     kl: np.ndarray
     final_top1: np.ndarray  # [n_tokens]
     rows: np.ndarray  # cache rows of the tokens
-
-
-class Readout(torch.nn.Module):
-    """The model's post-block read-out, in float32 (a copy when the model runs in lower precision)."""
-
-    def __init__(self, adapter: ModelAdapter):
-        super().__init__()
-        self.adapter = adapter
-        self.float_copy = adapter.dtype != torch.float32
-        if self.float_copy:
-            import copy
-
-            self.norm = copy.deepcopy(adapter.final_norm).float() if adapter.final_norm is not None else None
-            self.unembed = copy.deepcopy(adapter.unembed).float()
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
-        if not self.float_copy:
-            return self.adapter.readout(hidden)
-        h = self.norm(hidden) if self.norm is not None else hidden
-        logits = self.unembed(h)
-        cap = self.adapter.facts.final_logit_softcap
-        return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _chunks(rows: np.ndarray, chunk_tokens: int):
@@ -305,15 +284,57 @@ def plot_crystallization(result: LensResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("curves", "categories", "crystallization")
+def run(job: Job) -> Result:
+    """The logit lens of one model on one prompt set, from its activation cache (CPU)."""
+    from layerscope.model.adapter import load_model
+
+    params = job.params
+    adapter = load_model(job.input("model"), dtype="float32", device="cpu", kind="decoder")
+    cache = ActivationCache(Path(job.input("resid")).parent)
+    result = logit_lens(adapter, cache, model=job.model, prompt_set=job.prompt_set, topk=params["topk"],
+                        n_phases=params["n_phases"], chunk_tokens=params["chunk_tokens"])
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "per_token": result.per_token},
+        figures={"curves": partial(plot_curves, result), "categories": partial(plot_categories, result),
+                 "crystallization": partial(plot_crystallization, result)},
+    )
 
 
-def write_outputs(result: LensResult, outputs) -> None:
-    """Write every output; ``outputs`` maps (attribute or key) metrics, per_token, the figures and summary to paths."""
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("per_token"), result.per_token)
-    plot_curves(result, get("curves"))
-    plot_categories(result, get("categories"))
-    plot_crystallization(result, get("crystallization"))
-    write_json(get("summary"), result.summary)
+EXPERIMENT = Experiment(
+    name="logit_lens",
+    family="lens",
+    description="how predictions form across depth",
+    description_long="The logit lens over the activation cache: each layer boundary read out through the "
+                     "model's own final norm and unembedding.",
+    needs="decoder",
+    data="prompts",
+    gpu=False,
+    inputs=("model", "resid", "tokens"),
+    run=run,
+    tables=("metrics", "per_token"),
+    figures=(Figure("curves", "per-layer curves"), Figure("categories", "by category"),
+             Figure("crystallization", "crystallization")),
+    params={
+        "topk": {
+            "description": "k of the top-k variant of first/crystallization layer (target stays in the top-k).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 10
+        },
+        "n_phases": {
+            "description": "Number of phases found by change-point segmentation of the per-layer curves.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 4
+        },
+        "chunk_tokens": {
+            "description": "Tokens projected through the unembedding at once (memory, not results).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 256
+        }
+    },
+    threads=2,
+    runtime=60,
+)
