@@ -112,3 +112,30 @@ def test_rule_params_carry_every_setting_that_changes_results():
     gen = lsconfig.generation_params(cfg, "m1", "core")
     assert gen["system_prompt"] == "Be brief." and gen["max_new_tokens"] == 7
     assert lsconfig.experiment_params(cfg, "logit_lens") == {"topk": 10, "n_phases": 4, "chunk_tokens": 256, "seed": 0}
+
+
+@pytest.mark.parametrize("source, message", [
+    ({"path": "/x"}, "source: 'type' is a required property"),  # not "unknown key revision" from a default
+    ({"type": "pypi_wheel", "gguf": "a.gguf"}, "source: 'package' is a required property"),
+    ({"type": "pypi_wheel", "package": "x==1"}, "needs exactly one of 'gguf'"),
+    ({"type": "hub"}, "source: 'id' is a required property"),
+])
+def test_model_source_errors_name_the_real_problem(source, message):
+    cfg = minimal()
+    cfg["models"]["m1"]["source"] = source
+    with pytest.raises(ConfigError) as err:
+        check(cfg)
+    problems = str(err.value).splitlines()[1:]
+    assert len(problems) == 1 and message in problems[0], str(err.value)
+
+
+def test_an_encoder_left_at_the_default_kind_is_named_in_prepare(tmp_path, stories_dir):
+    """A BERT folder configured without `kind` fails in prepare_model, naming the setting to change."""
+    from conftest import save_tiny_model
+    from layerscope import LayerscopeError
+    from layerscope.model.adapter import check_supported
+
+    bert = save_tiny_model("bert", tmp_path / "bert", stories_dir)
+    with pytest.raises(LayerscopeError, match=r"default when `kind` is left out.*set `kind: encoder`"):
+        check_supported(bert, "decoder")
+    assert check_supported(bert, "encoder").kind == "encoder"

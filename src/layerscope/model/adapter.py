@@ -557,8 +557,10 @@ def check_supported(model_dir: str | Path, kind: str | None = None) -> Family:
     family = family_for(model_type, cfg.get("architectures"))
     if kind is not None and kind != family.kind:
         raise LayerscopeError(
-            f"{model_dir}: the config says kind '{kind}' but {model_type} is an {family.kind}; "
-            f"set `kind: {family.kind}` for this model"
+            f"{model_dir}: the model's `kind` setting is '{kind}'"
+            + (" (the default when `kind` is left out)" if kind == "decoder" else "")
+            + f", but its architecture {model_type} is an {family.kind}; set `kind: {family.kind}` for this model "
+            "under `models:` in the config"
         )
     return family
 

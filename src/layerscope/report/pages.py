@@ -59,6 +59,17 @@ def parse_summary_path(path: str | Path) -> dict[str, str]:
     raise ValueError(f"not a summary path: {path}")
 
 
+def report_sections() -> dict[str, list[str]]:
+    """Report section -> the experiments shown in it, in registry order (a family such as z_subspace
+    shares one section)."""
+    from layerscope.experiments.registry import experiments
+
+    out: dict[str, list[str]] = {}
+    for exp in experiments().values():
+        out.setdefault(exp.report_section, []).append(exp.name)
+    return out
+
+
 def scope_label(experiment: str, prompt_set: str) -> str:
     """What a result was computed from: a prompt set, the weights, or the experiment's own inputs."""
     if prompt_set:
