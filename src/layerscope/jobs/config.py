@@ -80,7 +80,7 @@ EXPERIMENTS: dict[str, ExperimentInfo] = {
                        "loss with each block skipped, pairwise synergy, causal tracing"),
         ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
         ExperimentInfo("shuffle", "decoder", "prompts", True, "recovering the order of shuffled blocks"),
-        # DESIGN.md experiment 13, the z_subspace suite: one weights-only mask, five analyses of paired prompts
+        # the z_subspace suite: one weights-only mask, five analyses of paired prompts
         ExperimentInfo("z_mask", "decoder", "weights", False, "QK-circuit subspace Z per layer and k",
                        section="z_subspace"),
         ExperimentInfo("z_separation", "decoder", "prompts", False, "zh/en separation and energy in Z, Z⊥, random",

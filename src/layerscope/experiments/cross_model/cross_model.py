@@ -1,4 +1,4 @@
-"""Models side by side (DESIGN.md experiment 14): representation similarity and embedding alignment.
+"""Models side by side: representation similarity and embedding alignment.
 
 **Linear CKA between layers** (``cka``), for a pair of models on a shared prompt set, from
 their activation caches. Models with different tokenizers split the same text into
@@ -372,7 +372,7 @@ def run_procrustes(job: Job) -> Result:
     return Result(summary=summary, tables={"metrics": frame})
 
 
-_DESCRIPTION = 'DESIGN.md experiment 14, for every pair of the models: linear CKA between all layers on each prompt set (from the activation caches, one mean-pooled vector per prompt), and orthogonal Procrustes alignment of the input embeddings for pairs sharing a tokenizer.'
+_DESCRIPTION = 'For every pair of the models: linear CKA between all layers on each prompt set (from the activation caches, one mean-pooled vector per prompt), and orthogonal Procrustes alignment of the input embeddings for pairs sharing a tokenizer.'
 
 EXPERIMENT = [
     Experiment(

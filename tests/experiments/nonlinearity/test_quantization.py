@@ -1,0 +1,330 @@
+"""Fake quantization: the quantizer's error bound, exact restoration, per-family weight editing, loss effects."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from layerscope import LayerscopeError
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
+from layerscope.model.adapter import ModelAdapter
+from layerscope.experiments.nonlinearity.quant_methods import METHODS, availability, run_library_methods
+from layerscope.experiments.nonlinearity.quantization import (
+    WeightEditor, allocate, fake_quantize, group_scales, qmax, quantization, weights_digest,
+)
+from layerscope.engines.surgery import LossEvaluator
+from tests.helpers.cache import random_token_cache
+from tests.helpers.tiny_models import tiny_configs, tiny_model
+
+PARAMS = dict(bits=[2, 3, 4, 6, 8], group_size=32, sensitivity_bits=3, matrix_types=True, uniform_bits=[4, 8],
+              mixed=True, mixed_bits=3, mixed_step=1, mixed_fraction=0.25, max_prompts=3, heldout_prompts=2,
+              batch_size=4, library_methods=[])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tests run many tiny ops; on a shared, loaded CPU two OpenMP threads make each one far slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _cache(adapter, tok, folder, n=5, seed=0):
+    return random_token_cache(adapter, tok, folder, n=n, first_length=10, step=3, seed=seed)[0]
+
+
+def _story_cache(adapter, tok, folder, n=5):
+    """Real text (stories260K was trained on TinyStories): completions the model predicts well."""
+    texts = ["Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.",
+             "One day, a big dog saw a ball in the park. The dog ran to the ball and played with it.",
+             "Tom and Sue went to the park. They saw a bird in a tree. The bird was happy and sang.",
+             "The cat was very hungry. It looked for food in the kitchen and found a fish to eat.",
+             "Lily had a red ball. She threw the ball to her mom, and her mom threw it back to her."][:n]
+    seqs = []
+    for i, text in enumerate(texts):
+        ids = tok(text)["input_ids"]
+        roles = ["prompt"] * 6 + ["completion"] * (len(ids) - 6)
+        seqs.append(TokenSequence(f"story{i}", "story", ids, roles))
+    extract_activations(adapter, tok, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=2)
+    return ActivationCache(folder)
+
+
+# ---------------------------------------------------------------------------- the quantizer
+
+
+def test_qmax_and_bad_bits():
+    assert [qmax(b) for b in (2, 3, 4, 8)] == [1, 3, 7, 127]
+    for bad in (1, 0, 2.5):
+        with pytest.raises(ValueError):
+            qmax(bad)
+
+
+def test_round_trip_error_equals_the_analytic_bound():
+    # one row, two groups of 4; scales are powers of two so every value below is exact in float32
+    bits, levels = 3, qmax(3)  # q_max = 3
+    s1, s2 = 0.5, 0.25
+    row = torch.tensor([[3 * s1, 1.5 * s1, -0.5 * s1, 0.2 * s1,   # group 1: max 3·s1 → scale s1
+                         -3 * s2, 2.5 * s2, 1.0 * s2, -1.75 * s2]])  # group 2: max 3·s2 → scale s2
+    scales = group_scales(row, bits, 4)
+    assert scales.tolist() == [[s1, s2]]
+    q = fake_quantize(row, bits, 4)
+    err = (row - q).abs()[0]
+    # analytic: error = distance to the nearest multiple of the scale; ≤ scale/2 everywhere,
+    # = scale/2 exactly for values halfway between levels (1.5·s1, −0.5·s1, 2.5·s2), 0 at the max
+    expected = torch.tensor([0, s1 / 2, s1 / 2, 0.2 * s1, 0, s2 / 2, 0, 0.25 * s2])
+    torch.testing.assert_close(err, expected, rtol=0, atol=1e-7)
+    bound = torch.tensor([s1] * 4 + [s2] * 4) / 2
+    assert (err <= bound + 1e-7).all()
+    assert set(q[0, :4].div(s1).round().tolist()) <= set(range(-levels, levels + 1))
+
+
+def test_round_trip_bound_holds_on_random_matrices_and_is_attained():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 100, generator=g, dtype=torch.float64)  # 100 = 3 groups of 32 + one of 4
+    for bits in (2, 3, 4, 8):
+        q = fake_quantize(w, bits, 32)
+        assert q.dtype == w.dtype and q.shape == w.shape
+        scales = group_scales(w, bits, 32)  # [16, 4]
+        per_elem = torch.repeat_interleave(scales, 32, dim=1)[:, :100]
+        err = (w - q).abs()
+        assert (err <= per_elem / 2 + 1e-12).all()
+        # the worst case over many weights comes close to the bound
+        assert (err / per_elem).max() > 0.45
+        # each group's largest weight is represented exactly
+        for r in range(16):
+            j = int(w[r, :32].abs().argmax())
+            assert err[r, j] < 1e-12
+        levels = (q / per_elem).round()
+        assert levels.abs().max() <= qmax(bits)
+        torch.testing.assert_close(q, levels * per_elem)
+
+
+def test_per_channel_and_zero_groups():
+    w = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, -0.4, 0.2, 0.0]])
+    q = fake_quantize(w, 2, None)  # one group per row; ternary grid {−s, 0, s}
+    assert q[0].tolist() == [0.0, 0.0, 0.0, 0.0]  # an all-zero group stays zero (no NaN)
+    assert q[1].tolist() == [1.0, 0.0, 0.0, 0.0]
+    torch.testing.assert_close(fake_quantize(w, 8, 0), fake_quantize(w, 8, None))
+
+
+def test_more_bits_less_error():
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    errors = [float((w - fake_quantize(w, b, 64)).norm()) for b in (2, 3, 4, 6, 8)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.01 * float(w.norm())
+
+
+# ---------------------------------------------------------------------------- editing weights
+
+
+@pytest.mark.parametrize("family", sorted(tiny_configs()))
+def test_editor_quantizes_exactly_the_chosen_matrix_and_restores(family):
+    adapter = ModelAdapter(tiny_model(family))
+    editor = WeightEditor(adapter)
+    before = {n: p.detach().clone() for n, p in adapter.model.named_parameters()}
+    digest = weights_digest(adapter.model)
+    original = {layer: {t: w.clone() for t, w in adapter.projections(layer).items()} for layer in range(3)}
+    refs = {r.type: r.param for r in adapter.projection_refs(1)}
+    for t in editor.types():
+        with editor.variant():
+            editor.quantize(1, [t], 2, 8)
+            # the chosen matrix (even a slice of a fused or transposed parameter) is its RTN value
+            for layer in range(3):
+                for other, w in adapter.projections(layer).items():
+                    if layer == 1 and other == t:
+                        torch.testing.assert_close(w, fake_quantize(original[1][t], 2, 8), rtol=0, atol=0)
+                    else:  # every other matrix, in this block and the others, is untouched
+                        assert torch.equal(w, original[layer][other]), (family, t, layer, other)
+            changed = [n for n, p in adapter.model.named_parameters() if not torch.equal(p, before[n])]
+            assert changed == [refs[t]], (family, t, changed)
+        assert weights_digest(adapter.model) == digest
+
+
+def test_sweep_restores_the_model_exactly(stories, tmp_path):
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path)
+    digest = weights_digest(adapter.model)
+    state = {k: v.clone() for k, v in adapter.model.state_dict().items()}
+    result = quantization(adapter, cache, model="stories", prompt_set="t", params=dict(PARAMS, bits=[2, 8], sensitivity_bits=2))
+    assert result.summary["weights_restored"] is True
+    # 3 bits (the mean of the mixed allocations) is not in this sweep: the ranking falls back, and says so
+    assert "not in the sweep" in result.summary["mixed"]["sensitivity_rule"]
+    assert weights_digest(adapter.model) == digest
+    for k, v in adapter.model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_digest_sees_a_one_ulp_change():
+    adapter = ModelAdapter(tiny_model("llama"))
+    digest = weights_digest(adapter.model)
+    p = adapter.blocks[2].mlp.down_proj.weight
+    with torch.no_grad():
+        p[0, 0] = torch.nextafter(p[0, 0], torch.tensor(1.0))
+    assert weights_digest(adapter.model) != digest
+
+
+# ---------------------------------------------------------------------------- loss effects on the real model
+
+
+def test_eight_bits_barely_moves_the_loss_two_bits_moves_it_a_lot(stories, tmp_path):
+    adapter, tok = stories
+    cache = _story_cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache)
+    base = ev.baseline()
+    editor = WeightEditor(adapter)
+    losses = {}
+    for bits in (2, 8):
+        with editor.variant():
+            for layer in range(adapter.n_layers):
+                editor.quantize(layer, None, bits, 32)
+            losses[bits] = ev.loss(list(range(adapter.n_layers)), max_prefix=0)
+    assert base < 2.5  # the model knows these stories
+    assert abs(losses[8] - base) < 0.01 * base
+    assert losses[2] - base > 0.5  # ternary weights in every block: much worse
+    assert abs(losses[8] - base) < 0.05 * (losses[2] - base)
+
+
+def test_sweep_numbers_match_direct_recomputation(stories, tmp_path):
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path, n=6)
+    result = quantization(adapter, cache, model="stories", prompt_set="t", params=PARAMS)
+    s, m = result.summary, result.metrics
+    ev = LossEvaluator(adapter, cache, max_prompts=3)
+    full = list(range(5))
+    base = ev.loss(full, use_cache=False)
+    assert s["baseline_loss"] == pytest.approx(base, rel=1e-5)
+    editor = WeightEditor(adapter)
+    # one block: recompute from the embeddings (no cached prefix) through the model's own layers
+    with editor.variant():
+        editor.quantize(3, None, 3, 32)
+        direct = ev.loss(full, use_cache=False)
+    assert s["sensitivity"]["3"][3] == pytest.approx(direct - base, abs=1e-5)
+    # one matrix type everywhere
+    with editor.variant():
+        for layer in range(5):
+            editor.quantize(layer, ["gate"], 2, 32)
+        direct = ev.loss(full, use_cache=False)
+    assert s["matrix_sensitivity"]["2"]["gate"] == pytest.approx(direct - base, abs=1e-5)
+    # ppl columns are exp(loss)
+    row = m[(m["scope"] == "uniform") & (m["bits"] == 4)].set_index("metric")["value"]
+    assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
+    assert s["uniform_4bit_delta_loss"] == pytest.approx(row["delta_loss"])
+    # headline ranks follow the sweep
+    sens = np.asarray(s["sensitivity"]["3"])
+    assert s["most_sensitive_layer"] == int(sens.argmax()) and s["least_sensitive_layer"] == int(sens.argmin())
+    assert s["most_sensitive_matrix"] == max(s["matrix_sensitivity"]["3"], key=s["matrix_sensitivity"]["3"].get)
+
+
+def test_mixed_precision_allocations_have_equal_average_bits(stories, tmp_path):
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path, n=6)
+    params = dict(PARAMS, bits=[2, 3], matrix_types=False, uniform_bits=[4], mixed_fraction=0.4)
+    summary = quantization(adapter, cache, model="stories", prompt_set="t", params=params).summary
+    mixed = summary["mixed"]
+    assert mixed["split"] == "heldout" and mixed["n_heldout_prompts"] == 2
+    for name, entry in mixed["allocations"].items():
+        assert entry["avg_bits"] == pytest.approx(3.0)
+        bits = mixed["bits_by_layer"][name]
+        assert sorted(bits) == ([3] * 5 if name == "uniform" else [2, 2, 3, 4, 4])
+    # measured rule: the two blocks least hurt at 2 bits go down, the two most hurt at 3 bits (of the rest) go up
+    alloc = mixed["bits_by_layer"]["sensitivity"]
+    at2, at3 = np.asarray(summary["sensitivity"]["2"]), np.asarray(summary["sensitivity"]["3"])
+    assert mixed["score_by_layer"]["sensitivity_down"] == pytest.approx(at2.tolist())
+    lowered = set(np.argsort(at2, kind="stable")[:2].tolist())
+    assert {i for i, b in enumerate(alloc) if b == 2} == lowered
+    rest = [i for i in np.argsort(-at3, kind="stable") if i not in lowered]
+    assert {i for i, b in enumerate(alloc) if b == 4} == set(rest[:2])
+    assert {"heldout_delta_loss", "calibration_delta_loss"} <= set(mixed["allocations"]["spectrum"])
+    # the held-out numbers are the per-token losses of the held-out prompts only
+    ev = LossEvaluator(adapter, cache, max_prompts=5)
+    prompt_of = cache.tokens.set_index("row").loc[ev.target_rows, "prompt_id"].to_numpy()
+    heldout = np.isin(prompt_of, ["s3", "s4"])
+    editor = WeightEditor(adapter)
+    base = ev.loss(list(range(5)), per_token=True, max_prefix=0)[heldout].mean()
+    with editor.variant():
+        for layer, b in enumerate(mixed["bits_by_layer"]["spectrum"]):
+            editor.quantize(layer, None, b, PARAMS["group_size"])
+        loss = ev.loss(list(range(5)), per_token=True, max_prefix=0)[heldout].mean()
+    assert mixed["allocations"]["spectrum"]["heldout_delta_loss"] == pytest.approx(loss - base, abs=1e-6)
+
+
+def test_allocate():
+    assert allocate(np.array([0.1, 0.9, 0.5, 0.3]), mean_bits=4, step=2, fraction=0.25) == [2, 6, 4, 4]
+    assert allocate(np.zeros(3), mean_bits=3, step=1, fraction=0.0) == [3, 3, 3]
+    assert allocate(np.arange(4.0), mean_bits=3, step=1, fraction=0.9) == [2, 2, 4, 4]  # at most half each way
+    # separate scores for lowering: block 1 is lowered first, so the next-highest up-score is raised instead
+    assert allocate(np.array([0.0, 9.0, 5.0, 1.0]), mean_bits=4, step=1, fraction=0.25,
+                    down_scores=np.array([3.0, 0.0, 2.0, 1.0])) == [4, 3, 5, 4]
+
+
+def test_bad_parameters_are_named(stories, tmp_path):
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path)
+    with pytest.raises(LayerscopeError, match="sensitivity_bits 5 is not in bits"):
+        quantization(adapter, cache, model="s", prompt_set="t", params=dict(PARAMS, sensitivity_bits=5))
+    with pytest.raises(LayerscopeError, match="at least 2 bits"):
+        quantization(adapter, cache, model="s", prompt_set="t", params=dict(PARAMS, mixed_bits=2, mixed_step=1))
+
+
+# ---------------------------------------------------------------------------- library methods (GPU extras)
+
+
+def test_library_methods_are_skipped_with_a_reason_without_a_gpu(stories, tmp_path, caplog):
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path)
+    recorded = []
+    with caplog.at_level("WARNING"):
+        out = run_library_methods(list(METHODS), adapter, cache, 2, dict(PARAMS), 1.0,
+                                  lambda *a, **k: recorded.append(a))
+    assert set(out) == set(METHODS)
+    for method, entry in out.items():
+        assert entry["status"] == "skipped" and "CUDA GPU" in entry["reason"], entry
+        assert method in caplog.text
+    assert recorded == []  # no number is made up for a skipped method
+
+
+def test_availability_reasons(monkeypatch):
+    assert "unknown method" in availability("awq", torch.device("cpu"))
+    assert "CUDA GPU" in availability("nf4", torch.device("cpu"))
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    reason = availability("gptq", torch.device("cuda"))
+    assert "gptqmodel" in reason and "layerscope[quant]" in reason
+
+
+def test_a_failing_library_method_is_recorded_not_fatal(stories, tmp_path, monkeypatch):
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path)
+    import layerscope.experiments.nonlinearity.quant_methods as qm
+
+    monkeypatch.setattr(qm, "availability", lambda method, device: None)  # pretend the GPU and package exist
+
+    def broken(w):
+        raise RuntimeError("kernel not built for this GPU")
+
+    monkeypatch.setattr(qm, "_nf4", broken)
+    digest = weights_digest(adapter.model)
+    out = run_library_methods(["nf4"], adapter, cache, 2, dict(PARAMS), 1.0, lambda *a, **k: None)
+    assert out["nf4"] == {"status": "failed", "reason": "RuntimeError: kernel not built for this GPU"}
+    assert weights_digest(adapter.model) == digest
+
+
+def test_a_library_method_that_runs_is_evaluated_like_the_sweep(stories, tmp_path, monkeypatch):
+    """The GPU path's plumbing, with RTN standing in for the library kernel."""
+    adapter, tok = stories
+    cache = _cache(adapter, tok, tmp_path)
+    import layerscope.experiments.nonlinearity.quant_methods as qm
+
+    monkeypatch.setattr(qm, "availability", lambda method, device: None)
+    monkeypatch.setattr(qm, "_nf4", lambda w: fake_quantize(w, 4, 64))
+    ev = LossEvaluator(adapter, cache, max_prompts=2)
+    base = ev.baseline()
+    out = run_library_methods(["nf4"], adapter, cache, 2, dict(PARAMS), base, lambda *a, **k: None)
+    editor = WeightEditor(adapter)
+    with editor.variant():
+        for layer in range(5):
+            editor.quantize(layer, None, 4, 64)
+        expected = ev.loss(list(range(5)), max_prefix=0)
+    assert out["nf4"]["status"] == "ok" and out["nf4"]["loss"] == pytest.approx(expected, rel=1e-6)

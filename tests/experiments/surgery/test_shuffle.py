@@ -1,0 +1,150 @@
+"""Shuffle recovery: scoring, the blind view of the shuffled model, weights-only orderings and the refiners."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy.stats import kendalltau
+
+from layerscope import LayerscopeError
+from layerscope.experiments.surgery.shuffle import (
+    METHODS, REFINERS, WEIGHT_METHODS, ShuffledModel, ShuffleParams, fiedler_order, random_permutation, recover,
+    score, shortest_path, shuffle_experiment, write_outputs,
+)
+from layerscope.engines.surgery import LossEvaluator
+from tests.helpers.surgery_data import story_cache
+
+
+@pytest.fixture(scope="module")
+def story_evaluator(stories, tmp_path_factory):
+    adapter, tok = stories
+    cache, _ = story_cache(adapter, tok, tmp_path_factory.mktemp("story"))
+    return LossEvaluator(adapter, cache, batch_size=6)
+
+
+def test_score_against_scipy_and_by_hand():
+    assert score([0, 1, 2, 3]) == (1.0, pytest.approx(1.0))
+    assert score([3, 2, 1, 0]) == (0.0, pytest.approx(-1.0))
+    accuracy, tau = score([0, 2, 1, 3, 4])
+    assert accuracy == 0.6 and tau == pytest.approx(kendalltau(range(5), [0, 2, 1, 3, 4]).statistic)
+    assert tau == pytest.approx((9 - 1) / 10)  # one discordant pair of ten
+
+
+def test_random_permutation_is_seeded_and_never_the_identity():
+    assert random_permutation(6, 3) == random_permutation(6, 3)
+    assert sorted(random_permutation(6, 3)) == list(range(6))
+    assert all(random_permutation(2, s) == [1, 0] for s in range(5))
+
+
+def test_shortest_path_and_fiedler_recover_a_line():
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(0, 10, 12))
+    perm = rng.permutation(12)
+    distance = np.abs(x[perm][:, None] - x[perm][None, :])
+    for order in (shortest_path(distance), fiedler_order(distance)):
+        recovered = perm[order]
+        assert recovered.tolist() in (list(range(12)), list(range(11, -1, -1)))
+
+
+def test_the_shuffled_model_maps_slots_to_blocks(story_evaluator):
+    ev = story_evaluator
+    perm = [3, 0, 4, 1, 2]
+    model = ShuffledModel(ev, perm)
+    truth = list(np.argsort(perm))  # slot order that runs blocks 0 … 4
+    assert model.losses([truth])[0] == pytest.approx(ev.baseline(), rel=1e-6)
+    assert model.losses([[0, 1, 2, 3, 4]])[0] == pytest.approx(ev.loss(perm), rel=1e-6)
+    for t in range(5):
+        assert model.projections(truth[t])["q"] is not None
+        assert (model.projections(truth[t])["q"] == ev.adapter.projections(t)["q"]).all()
+    with pytest.raises(LayerscopeError, match="not a permutation"):
+        ShuffledModel(ev, [0, 0, 1, 2, 3])
+
+
+def test_methods_keep_an_unshuffled_model_and_weights_only_methods_ignore_the_presented_order(story_evaluator):
+    ev = story_evaluator
+    params = ShuffleParams(refine_max_evals=40, anneal_steps=40, pipeline_max_evals=60)
+    identity = shuffle_experiment(ev, model="m", prompt_set="p", params=params, permutation=list(range(5)))
+    rows = identity.table.set_index("method")
+    for method in REFINERS + ("pipeline",):
+        assert rows.loc[method, "kendall_tau"] == pytest.approx(1.0) and rows.loc[method, "accuracy"] == 1.0, method
+        assert rows.loc[method, "loss_ratio"] == pytest.approx(1.0)
+    shuffled = shuffle_experiment(ev, model="m", prompt_set="p", params=params, permutation=[2, 4, 0, 3, 1])
+    a = identity.orders.set_index(["method", "position"])["block"]
+    b = shuffled.orders.set_index(["method", "position"])["block"]
+    for method in WEIGHT_METHODS:  # what they recover depends on the blocks, not on the order they are shown in
+        assert a.loc[method].tolist() == b.loc[method].tolist(), method
+
+
+def test_loss_refiners_recover_the_true_order_from_a_shuffled_start(story_evaluator):
+    ev = story_evaluator
+    for seed in (0, 1):
+        perm = random_permutation(5, seed)
+        model = ShuffledModel(ev, perm)
+        params = ShuffleParams(methods=REFINERS, refine_max_evals=150, anneal_steps=150, reinsert_window=None,
+                               seed=seed)
+        for result in recover(model, params):
+            recovered = [perm[s] for s in result.order]
+            assert recovered == list(range(5)), (seed, result.method, recovered)
+            assert 0 < result.evaluations <= 150
+
+
+def test_evaluation_budgets_are_respected(story_evaluator):
+    ev = story_evaluator
+    model = ShuffledModel(ev, random_permutation(5, 4))
+    results = recover(model, ShuffleParams(methods=("reinsert", "bubble", "anneal", "pipeline"), refine_max_evals=7,
+                                           anneal_steps=50, pipeline_max_evals=9))
+    assert [r.evaluations for r in results] == [7, 7, 7, 9]
+    assert model.evaluations == 30
+    with pytest.raises(LayerscopeError, match="unknown shuffle method"):
+        recover(model, ShuffleParams(methods=("sorting_hat",)))
+
+
+def test_shuffle_summary_and_outputs(story_evaluator, tmp_path):
+    params = ShuffleParams(refine_max_evals=30, anneal_steps=30, pipeline_max_evals=40)
+    result = shuffle_experiment(story_evaluator, model="stories", prompt_set="p", params=params, permutation_seed=5)
+    again = shuffle_experiment(story_evaluator, model="stories", prompt_set="p", params=params, permutation_seed=5)
+    assert result.orders.equals(again.orders)  # deterministic
+    s = result.summary
+    assert s["permutation"] == random_permutation(5, 5)
+    assert [m["method"] for m in s["methods"]] == ["none", *METHODS]
+    best = max((m for m in s["methods"] if m["method"] != "none"),
+               key=lambda m: (m["accuracy"], m["kendall_tau"], -m["loss"]))
+    assert s["best_method"] == best["method"] and s["best_tau"] == best["kendall_tau"]
+    none = s["methods"][0]
+    assert (none["accuracy"], none["kendall_tau"]) == score(s["permutation"])
+    for row in s["methods"]:
+        seq = result.orders[result.orders["method"] == row["method"]].sort_values("position")["block"].tolist()
+        assert score(seq) == (row["accuracy"], row["kendall_tau"])
+        assert row["loss"] == pytest.approx(story_evaluator.loss(seq), rel=1e-6)
+    outputs = {k: tmp_path / name for k, name in [
+        ("metrics", "metrics.parquet"), ("orders", "orders.parquet"), ("methods_plot", "methods.png"),
+        ("orders_plot", "orders.png"), ("summary", "summary.json")]}
+    write_outputs(result, outputs)
+    assert all(p.is_file() for p in outputs.values())
+    assert json.loads(outputs["summary"].read_text())["best_method"] == s["best_method"]
+
+
+def test_surgery_config_blocks_fill_defaults_and_reject_bad_values():
+    from tests.helpers import REPO
+    from layerscope.jobs import config as lsconfig
+
+    def check(experiments):
+        cfg = {"models": {"m1": {"source": {"type": "local", "path": "/x"}}},
+               "prompt_sets": {"core": {"path": "resources/prompt_sets/core.json"}}, "experiments": experiments}
+        return lsconfig.validate_config(cfg, REPO / lsconfig.SCHEMA_FILE, base_dir=REPO)
+
+    cfg = check({"knockout": {}, "swap": {}, "shuffle": {}})
+    assert lsconfig.experiment_params(cfg, "shuffle")["methods"] == list(METHODS)
+    assert lsconfig.experiment_params(cfg, "swap")["n_zones"] == 3
+    knock = lsconfig.experiment_params(cfg, "knockout")
+    assert knock["max_prompts"] == 4 and knock["trace_noise"] == 3.0 and knock["seed"] == 0
+    assert {i.name for i in lsconfig.EXPERIMENTS.values() if i.gpu} >= {"knockout", "swap", "shuffle"}
+    for bad, where in [({"shuffle": {"methods": ["sorting_hat"]}}, "config.experiments.shuffle.methods"),
+                       ({"swap": {"n_zones": 0}}, "config.experiments.swap.n_zones"),
+                       ({"knockout": {"max_prompts": 0}}, "config.experiments.knockout.max_prompts"),
+                       ({"knockout": {"layout": "tree"}}, "config.experiments.knockout.layout"),
+                       ({"swap": {"interchangable_ratio": 1.1}}, "interchangable_ratio")]:
+        with pytest.raises(lsconfig.ConfigError, match=where):
+            check(bad)

@@ -1,0 +1,86 @@
+"""Swap sweep, zones and position sensitivity."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from layerscope.model.adapter import load_model, load_tokenizer
+from layerscope.engines.surgery import LossEvaluator, swap
+from layerscope.experiments.surgery.swap import layer_ranges, swap_experiment, swap_matrix, write_outputs, zones
+from tests.helpers.surgery import Reference, reference_loss, shared_prefix_cache, token_cache
+
+
+@pytest.mark.parametrize("family", ["stories", "llama", "qwen3", "gemma2", "gpt2", "phi3"])
+def test_swap_matrix_equals_plain_reruns(family, stories_dir, tiny_dirs, tmp_path):
+    folder = stories_dir if family == "stories" else tiny_dirs[family]
+    adapter, tok = load_model(folder), load_tokenizer(folder)
+    cache, seqs = shared_prefix_cache(adapter, tok, tmp_path)
+    base, loss, ratio = swap_matrix(LossEvaluator(adapter, cache, batch_size=3))
+    plain_base, plain_loss, _ = swap_matrix(Reference(adapter, cache, batch_size=2))
+    assert base == pytest.approx(plain_base, rel=1e-6)
+    np.testing.assert_allclose(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.diag(ratio), 1.0)
+    np.testing.assert_allclose(loss, loss.T)
+    L = adapter.n_layers
+    assert loss[0, L - 1] == pytest.approx(reference_loss(adapter, seqs, swap(L, 0, L - 1)), rel=1e-5)
+
+
+def test_swapping_a_block_with_itself_is_the_identity(stories, tmp_path):
+    adapter, tok = stories
+    cache, _ = token_cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache)
+    base = ev.baseline()
+    assert all(ev.loss(swap(5, i, i)) == base for i in range(5))
+    assert all(ev.loss(swap(5, i, j)) != pytest.approx(base, rel=1e-4) for i in range(5) for j in range(i + 1, 5))
+
+
+def test_zones_recover_planted_blocks():
+    rng = np.random.default_rng(0)
+    truth = np.array([0] * 4 + [1] * 5 + [2] * 3)
+    n = len(truth)
+    ratio = np.where(truth[:, None] == truth[None, :], 1.02, 3.0) + rng.uniform(0, 0.01, (n, n))
+    ratio = (ratio + ratio.T) / 2
+    np.fill_diagonal(ratio, 1.0)
+    assert zones(ratio, 3).tolist() == truth.tolist()
+    # numbered by depth whatever the cluster ids
+    assert zones(ratio[::-1, ::-1], 3).tolist() == (2 - truth[::-1]).tolist()
+    assert zones(ratio, 1).tolist() == [0] * n
+    assert set(zones(ratio, 50)) == set(range(n))  # at most one zone per block
+
+
+def test_layer_ranges():
+    assert layer_ranges([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8"
+    assert layer_ranges([3]) == "3" and layer_ranges([4, 3]) == "3-4"
+
+
+def test_swap_experiment_summary_and_outputs(stories, tmp_path):
+    adapter, tok = stories
+    cache, _ = token_cache(adapter, tok, tmp_path / "cache")
+    ev = LossEvaluator(adapter, cache)
+    result = swap_experiment(ev, model="stories", prompt_set="p", interchangeable_ratio=1.5, n_zones=2)
+    s = result.summary
+    r = result.ratio
+    pairs = [(i, j) for i in range(5) for j in range(i + 1, 5)]
+    assert s["n_pairs"] == 10 and len(result.pairs) == 10
+    assert s["n_interchangeable"] == sum(r[i, j] < 1.5 for i, j in pairs)
+    sensitivity = [np.mean([r[i, j] for j in range(5) if j != i]) for i in range(5)]
+    assert s["most_position_sensitive_layer"] == int(np.argmax(sensitivity))
+    assert s["max_position_sensitivity"] == pytest.approx(max(sensitivity))
+    assert s["adjacent_mean_ratio"] == pytest.approx(np.mean([r[i, i + 1] for i in range(4)]))
+    cheapest = min(pairs, key=lambda p: r[p])
+    assert s["cheapest_swap"] == f"{cheapest[0]}<->{cheapest[1]}" and s["cheapest_swap_ratio"] == pytest.approx(r[cheapest])
+    assert s["n_zones"] == 2 and len(s["zones"]) == 2 and len(s["zone_of_layer"]) == 5
+    covered = sorted(int(x) for zone in s["zones"] for part in zone.split(",")
+                     for x in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))
+    assert covered == list(range(5))
+    outputs = {k: tmp_path / name for k, name in [
+        ("metrics", "metrics.parquet"), ("pairs", "pairs.parquet"), ("cost_matrix_plot", "cost_matrix.png"),
+        ("sensitivity_plot", "sensitivity.png"), ("summary", "summary.json")]}
+    write_outputs(result, outputs)
+    assert all(p.is_file() for p in outputs.values())
+    written = json.loads(outputs["summary"].read_text())
+    for key in ("n_interchangeable", "zones", "most_position_sensitive_layer", "cheapest_swap", "adjacent_mean_ratio"):
+        assert key in written
