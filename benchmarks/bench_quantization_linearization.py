@@ -49,8 +49,9 @@ def random_cache(adapter, tokenizer, folder: Path, n: int = 4, length: int = 96)
 def bench_quantization(adapter, cache, prompts: int, bits: int) -> None:
     import numpy as np
 
-    from layerscope.experiments.nonlinearity.quantization import WeightEditor
     from layerscope.engines.surgery import LossEvaluator
+    from layerscope.engines.weights import WeightEditor
+    from layerscope.experiments.nonlinearity.quantization import rtn
 
     ev = LossEvaluator(adapter, cache, max_prompts=prompts)
     editor = WeightEditor(adapter)
@@ -62,7 +63,7 @@ def bench_quantization(adapter, cache, prompts: int, bits: int) -> None:
         losses = []
         for layer in range(adapter.n_layers):
             with editor.variant():
-                editor.quantize(layer, None, bits, 128)
+                editor.edit(layer, None, rtn(bits, 128))
                 prefix = {"max_prefix": layer} if not kwargs else {}
                 losses.append(ev.loss(identity, **kwargs, **prefix))
         results[name] = (time.perf_counter() - start, np.asarray(losses))

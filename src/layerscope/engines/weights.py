@@ -10,19 +10,23 @@ the tests require that no supported family has one.
 
 Block matrices are named ``{type}.{layer}`` (``q.12``), model-level ones by their type
 (``embed``). Matrices are [out, in] for projections and [rows, d_model] for embeddings.
+
+:class:`WeightEditor` replaces block projections in place (e.g. by a quantized copy) and
+restores them bit for bit; :func:`weights_digest` checks that a model's weights are unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
-from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
+from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter, ProjectionRef, oriented, projection_matrix
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -90,14 +94,7 @@ class WeightSource:
         self._params = dict(adapter.model.named_parameters(remove_duplicate=False))
 
     def matrix(self, w: WeightMatrix) -> torch.Tensor:
-        t = self._params[w.param].detach()
-        if w.transposed:
-            t = t.T
-        if isinstance(w.rows, slice):
-            t = t[w.rows]
-        elif w.rows is not None:
-            t = t[list(w.rows)]
-        return t
+        return projection_matrix(self._params[w.param].detach(), w)
 
     def __iter__(self) -> Iterator[tuple[WeightMatrix, torch.Tensor]]:
         for w in weight_inventory(self.adapter):
@@ -113,6 +110,77 @@ def numel(w: WeightMatrix, params: dict[str, torch.Tensor]) -> int:
         return p.numel()
     n_rows = len(range(*w.rows.indices(out_dim))) if isinstance(w.rows, slice) else len(w.rows)
     return n_rows * in_dim
+
+
+# ---------------------------------------------------------------------------- editing weights in place
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes, shapes and bytes)."""
+    digest = hashlib.sha256()
+    state = model.state_dict(keep_vars=False)
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+class WeightEditor:
+    """Replace chosen block projections in place; :meth:`variant` restores them exactly afterwards."""
+
+    def __init__(self, adapter: ModelAdapter):
+        self.adapter = adapter
+        self.params = dict(adapter.model.named_parameters(remove_duplicate=False))
+        self._saved: dict[str, torch.Tensor] = {}
+        self.refs = {layer: {ref.type: ref for ref in adapter.projection_refs(layer)}
+                     for layer in range(adapter.n_layers)}
+
+    def types(self) -> list[str]:
+        """Projection types this model has, in canonical order."""
+        present = {t for refs in self.refs.values() for t in refs}
+        return [t for t in PROJECTION_TYPES if t in present]
+
+    def n_weights(self, layer: int, types: Sequence[str] | None = None) -> int:
+        out = 0
+        for t, ref in self.refs[layer].items():
+            if types is None or t in types:
+                out += self.matrix(ref).numel()
+        return out
+
+    def matrix(self, ref: ProjectionRef) -> torch.Tensor:
+        """The projection's current [out, in] matrix (fused parameters: its row block)."""
+        return projection_matrix(self.params[ref.param].data, ref)
+
+    def edit(self, layer: int, types: Sequence[str] | None, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the given projection types of one block (None: all) by ``fn`` of their [out, in] matrix."""
+        for t, ref in self.refs[layer].items():
+            if types is not None and t not in types:
+                continue
+            if ref.param not in self._saved:
+                self._saved[ref.param] = self.params[ref.param].data.clone()
+            new = fn(self.matrix(ref))
+            view = oriented(self.params[ref.param].data, ref)
+            with torch.no_grad():
+                if ref.rows is None:
+                    view.copy_(new)
+                elif isinstance(ref.rows, slice):
+                    view[ref.rows] = new
+                else:  # index_put_ on a (possibly transposed) view writes through to the parameter
+                    view[list(ref.rows)] = new
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for name, data in self._saved.items():
+                self.params[name].data.copy_(data)
+        self._saved.clear()
+
+    @contextlib.contextmanager
+    def variant(self) -> Iterator["WeightEditor"]:
+        try:
+            yield self
+        finally:
+            self.restore()
 
 
 @contextlib.contextmanager

@@ -56,6 +56,24 @@ class ProjectionRef:
     bias: str | None = None
 
 
+def oriented(weight: torch.Tensor, ref) -> torch.Tensor:
+    """A parameter as [out, in] (GPT-2's Conv1D stores [in, out]); a view, writes go through."""
+    return weight.T if ref.transposed else weight
+
+
+def projection_matrix(weight: torch.Tensor, ref) -> torch.Tensor:
+    """The [out, in] matrix that ``ref`` (anything with ``rows`` and ``transposed``) selects from its parameter.
+
+    A view of the parameter unless ``rows`` is an index tuple (then a copy).
+    """
+    w = oriented(weight, ref)
+    if isinstance(ref.rows, slice):
+        return w[ref.rows]
+    if ref.rows is not None:
+        return w[list(ref.rows)]
+    return w
+
+
 @dataclass(frozen=True)
 class ArchFacts:
     family: str
@@ -401,17 +419,7 @@ class ModelAdapter:
     def projections(self, i: int) -> dict[str, torch.Tensor]:
         """Projection weights of block i as [out, in] matrices (fused ones split), by type."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        out = {}
-        for ref in self.projection_refs(i):
-            w = params[ref.param].detach()
-            if ref.transposed:
-                w = w.T
-            if isinstance(ref.rows, slice):
-                w = w[ref.rows]
-            elif ref.rows is not None:
-                w = w[list(ref.rows)]
-            out[ref.type] = w
-        return out
+        return {ref.type: projection_matrix(params[ref.param].detach(), ref) for ref in self.projection_refs(i)}
 
     def linear_weight_names(self) -> list[str]:
         """Every 2-D weight parameter of the model (embeddings included), without duplicates of tied weights."""

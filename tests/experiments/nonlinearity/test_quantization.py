@@ -11,9 +11,10 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
 from layerscope.model.adapter import ModelAdapter
+from layerscope.engines.weights import WeightEditor, weights_digest
 from layerscope.experiments.nonlinearity.quant_methods import METHODS, availability, run_library_methods
 from layerscope.experiments.nonlinearity.quantization import (
-    WeightEditor, allocate, fake_quantize, group_scales, qmax, quantization, weights_digest,
+    allocate, fake_quantize, group_scales, qmax, quantization, rtn,
 )
 from layerscope.engines.surgery import LossEvaluator
 from tests.helpers.cache import random_token_cache
@@ -130,7 +131,7 @@ def test_editor_quantizes_exactly_the_chosen_matrix_and_restores(family):
     refs = {r.type: r.param for r in adapter.projection_refs(1)}
     for t in editor.types():
         with editor.variant():
-            editor.quantize(1, [t], 2, 8)
+            editor.edit(1, [t], rtn(2, 8))
             # the chosen matrix (even a slice of a fused or transposed parameter) is its RTN value
             for layer in range(3):
                 for other, w in adapter.projections(layer).items():
@@ -179,7 +180,7 @@ def test_eight_bits_barely_moves_the_loss_two_bits_moves_it_a_lot(stories, tmp_p
     for bits in (2, 8):
         with editor.variant():
             for layer in range(adapter.n_layers):
-                editor.quantize(layer, None, bits, 32)
+                editor.edit(layer, None, rtn(bits, 32))
             losses[bits] = ev.loss(list(range(adapter.n_layers)), max_prefix=0)
     assert base < 2.5  # the model knows these stories
     assert abs(losses[8] - base) < 0.01 * base
@@ -199,13 +200,13 @@ def test_sweep_numbers_match_direct_recomputation(stories, tmp_path):
     editor = WeightEditor(adapter)
     # one block: recompute from the embeddings (no cached prefix) through the model's own layers
     with editor.variant():
-        editor.quantize(3, None, 3, 32)
+        editor.edit(3, None, rtn(3, 32))
         direct = ev.loss(full, use_cache=False)
     assert s["sensitivity"]["3"][3] == pytest.approx(direct - base, abs=1e-5)
     # one matrix type everywhere
     with editor.variant():
         for layer in range(5):
-            editor.quantize(layer, ["gate"], 2, 32)
+            editor.edit(layer, ["gate"], rtn(2, 32))
         direct = ev.loss(full, use_cache=False)
     assert s["matrix_sensitivity"]["2"]["gate"] == pytest.approx(direct - base, abs=1e-5)
     # ppl columns are exp(loss)
@@ -246,7 +247,7 @@ def test_mixed_precision_allocations_have_equal_average_bits(stories, tmp_path):
     base = ev.loss(list(range(5)), per_token=True, max_prefix=0)[heldout].mean()
     with editor.variant():
         for layer, b in enumerate(mixed["bits_by_layer"]["spectrum"]):
-            editor.quantize(layer, None, b, PARAMS["group_size"])
+            editor.edit(layer, None, rtn(b, PARAMS["group_size"]))
         loss = ev.loss(list(range(5)), per_token=True, max_prefix=0)[heldout].mean()
     assert mixed["allocations"]["spectrum"]["heldout_delta_loss"] == pytest.approx(loss - base, abs=1e-6)
 
@@ -325,6 +326,6 @@ def test_a_library_method_that_runs_is_evaluated_like_the_sweep(stories, tmp_pat
     editor = WeightEditor(adapter)
     with editor.variant():
         for layer in range(5):
-            editor.quantize(layer, None, 4, 64)
+            editor.edit(layer, None, rtn(4, 64))
         expected = ev.loss(list(range(5)), max_prefix=0)
     assert out["nf4"]["status"] == "ok" and out["nf4"]["loss"] == pytest.approx(expected, rel=1e-6)

@@ -1,4 +1,4 @@
-"""How nonlinear is each layer: the linearization gap on real cached inputs (DESIGN.md experiment 10).
+"""How nonlinear is each layer: the linearization gap on real cached inputs.
 
 For a function f of the residual stream (a whole block, or its attention or MLP sub-layer,
 see :class:`layerscope.model.adapter.SubLayers`) at a real input h and a direction v:
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -46,8 +47,8 @@ from torch.func import jvp, vjp
 
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.model.adapter import ModelAdapter
-from layerscope.jobs.io import output_getter, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +289,7 @@ def _check_params(params: dict, n_layers: int) -> dict:
         raise LayerscopeError(f"linearization.ref_eps {p['ref_eps']} is not in the ε grid {p['eps']}")
     if p["perturb"] not in PERTURB_MODES:
         raise LayerscopeError(f"linearization.perturb must be one of {PERTURB_MODES}, got {p['perturb']!r}")
-    layers = p.get("layers")
+    layers = p["layers"]
     if layers:
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
@@ -486,24 +487,73 @@ def plot_jacobian(result: LinearizationResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: LinearizationResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("per_sample"), result.per_sample)
-    write_parquet(get("per_token"), result.per_token)
-    plot_gap(result, get("gap"))
-    plot_order(result, get("order"))
-    plot_jacobian(result, get("jacobian"))
-    write_json(get("summary"), result.summary)
-
-
-def run_linearization(model_dir, resid_path, outputs, *, params: dict, model: str, prompt_set: str,
-                      device="cpu") -> LinearizationResult:
-    """The workflow stage: load the model (float32, eager attention) and the cache, analyse, write outputs."""
+def run(job: Job) -> Result:
+    """Load the model (float32, eager attention) and the cache, analyse every sampled block input."""
     from layerscope.model.adapter import load_model
 
-    adapter = load_model(model_dir, dtype="float32", device=device)
-    cache = ActivationCache(Path(resid_path).parent)
-    result = linearization(adapter, cache, model=model, prompt_set=prompt_set, params=params)
-    write_outputs(result, outputs)
-    return result
+    adapter = load_model(job.input("model"), dtype="float32", device=job.device)
+    cache = ActivationCache(Path(job.input("resid")).parent)
+    result = linearization(adapter, cache, model=job.model, prompt_set=job.prompt_set, params=job.params)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "per_sample": result.per_sample, "per_token": result.per_token},
+        figures={"gap": partial(plot_gap, result), "order": partial(plot_order, result),
+                 "jacobian": partial(plot_jacobian, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="linearization",
+    family="nonlinearity",
+    description="how nonlinear each block and sub-layer is",
+    description_long=("Linearization gap of every block and of its attention and MLP sub-layers on sampled cached "
+                      "inputs (J·v exact by jvp), order of nonlinearity, transform magnitude, Jacobian spectral norm."),
+    needs="any",
+    data="prompts",
+    gpu=True,
+    inputs=("model", "resid", "tokens"),
+    run=run,
+    tables=("metrics", "per_sample", "per_token"),
+    figures=(Figure("gap", "gap by layer"), Figure("order", "order by layer"),
+             Figure("jacobian", "magnitude and spectral norm")),
+    params={'eps': {'description': "Perturbation sizes ε relative to the perturbed state's norm (‖εv‖ = ε‖h‖); the "
+                               'order p is fitted over this grid.',
+                'type': 'array',
+                'items': {'type': 'number', 'exclusiveMinimum': 0},
+                'minItems': 2,
+                'uniqueItems': True,
+                'default': [0.01, 0.03, 0.1, 0.3]},
+        'ref_eps': {'description': 'The ε of the headline gap (gap_by_layer, mean gaps, most linear layers); must '
+                                   'be in eps.',
+                    'type': 'number',
+                    'exclusiveMinimum': 0,
+                    'default': 0.1},
+        'perturb': {'description': "'token': perturb one sampled completion token's state and measure the whole "
+                                   "sequence's output; 'all': perturb every token of the sequence at once.",
+                    'enum': ['token', 'all'],
+                    'default': 'token'},
+        'n_sequences': {'description': 'Prompts sampled (seeded) from the prompt set.',
+                        'type': 'integer',
+                        'minimum': 1,
+                        'default': 2},
+        'tokens_per_sequence': {'description': 'Completion tokens sampled per prompt (prompt tokens for encoders).',
+                                'type': 'integer',
+                                'minimum': 1,
+                                'default': 2},
+        'n_directions': {'description': 'Random unit directions per sampled token.',
+                         'type': 'integer',
+                         'minimum': 1,
+                         'default': 2},
+        'power_iterations': {'description': 'Power-iteration steps (one jvp and one vjp each) for the Jacobian '
+                                            'spectral norm; 0 skips it.',
+                             'type': 'integer',
+                             'minimum': 0,
+                             'default': 5},
+        'layers': {'description': 'Blocks to analyse; empty = all.',
+                   'type': 'array',
+                   'items': {'type': 'integer', 'minimum': 0},
+                   'uniqueItems': True,
+                   'default': []}},
+    threads=4,
+    runtime=120,
+)

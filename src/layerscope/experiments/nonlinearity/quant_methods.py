@@ -28,8 +28,9 @@ import tempfile
 import torch
 
 from layerscope.data.activations import ActivationCache
-from layerscope.model.adapter import ModelAdapter
 from layerscope.engines.surgery import LossEvaluator
+from layerscope.engines.weights import WeightEditor
+from layerscope.model.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +96,6 @@ def _gptq(cache: ActivationCache, calib_limit: int, model_dir: str) -> float:
 def run_library_methods(methods, adapter: ModelAdapter, cache: ActivationCache, calib_limit: int, params: dict,
                         base: float, record, *, model_dir=None) -> dict:
     """Run (or skip, with the reason) each requested method; returns name → result entry."""
-    from layerscope.experiments.nonlinearity.quantization import WeightEditor
-
     out = {}
     for method in methods:
         reason = availability(method, adapter.device)
@@ -110,12 +109,12 @@ def run_library_methods(methods, adapter: ModelAdapter, cache: ActivationCache, 
                     raise ValueError("gptq needs the prepared model folder")
                 loss = _gptq(cache, calib_limit, str(model_dir))
             else:
-                quantizer = _nf4 if method == "nf4" else _torchao_int4(params.get("group_size") or 128)
+                quantizer = _nf4 if method == "nf4" else _torchao_int4(params["group_size"] or 128)
                 editor = WeightEditor(adapter)
                 evaluator = LossEvaluator(adapter, cache, batch_size=params["batch_size"], max_prompts=calib_limit)
                 with editor.variant():
                     for layer in range(adapter.n_layers):
-                        editor.quantize(layer, None, 4, None, quantizer=quantizer)
+                        editor.edit(layer, None, quantizer)
                     loss = evaluator.loss(list(range(adapter.n_layers)), max_prefix=0)
         except Exception as exc:  # an optional extra must not sink the RTN results
             log.error("quantization: library method %s failed: %s: %s", method, type(exc).__name__, exc)

@@ -1,4 +1,4 @@
-"""How much precision does each layer need: fake-quantization sensitivity (DESIGN.md experiment 11).
+"""How much precision does each layer need: fake-quantization sensitivity.
 
 Round-to-nearest (RTN) fake quantization, symmetric and per group: each output row of a
 projection ([out, in], see :meth:`ModelAdapter.projection_refs`) is cut into groups of
@@ -29,13 +29,11 @@ cached ``resid.i``) and restores the original weights bit for bit. Sweeps:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -43,9 +41,11 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
-from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter, ProjectionRef
-from layerscope.jobs.io import output_getter, write_json, write_parquet
 from layerscope.engines.surgery import LossEvaluator
+from layerscope.engines.weights import WeightEditor, weights_digest
+from layerscope.experiments.nonlinearity.quant_methods import run_library_methods
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.model.adapter import ModelAdapter
 
 log = logging.getLogger(__name__)
 
@@ -100,83 +100,10 @@ def fake_quantize(w: torch.Tensor, bits: int, group_size: int | None) -> torch.T
     return q.to(w.dtype)
 
 
-# ---------------------------------------------------------------------------- editing weights in place
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer (names, dtypes, shapes and bytes)."""
-    digest = hashlib.sha256()
-    state = model.state_dict(keep_vars=False)
-    for name in sorted(state):
-        tensor = state[name].detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
-
-
-class WeightEditor:
-    """Quantize chosen projections in place; :meth:`variant` restores them exactly afterwards."""
-
-    def __init__(self, adapter: ModelAdapter):
-        self.adapter = adapter
-        self.params = dict(adapter.model.named_parameters(remove_duplicate=False))
-        self._saved: dict[str, torch.Tensor] = {}
-        self.refs = {layer: {ref.type: ref for ref in adapter.projection_refs(layer)}
-                     for layer in range(adapter.n_layers)}
-
-    def types(self) -> list[str]:
-        """Projection types this model has, in canonical order."""
-        present = {t for refs in self.refs.values() for t in refs}
-        return [t for t in PROJECTION_TYPES if t in present]
-
-    def n_weights(self, layer: int, types: Sequence[str] | None = None) -> int:
-        out = 0
-        for t, ref in self.refs[layer].items():
-            if types is None or t in types:
-                out += self._matrix(ref).numel()
-        return out
-
-    def _view(self, ref: ProjectionRef) -> torch.Tensor:
-        data = self.params[ref.param].data
-        return data.T if ref.transposed else data
-
-    def _matrix(self, ref: ProjectionRef) -> torch.Tensor:
-        view = self._view(ref)
-        if ref.rows is None:
-            return view
-        return view[ref.rows] if isinstance(ref.rows, slice) else view[list(ref.rows)]
-
-    def quantize(self, layer: int, types: Sequence[str] | None, bits: int, group_size: int | None,
-                 quantizer=None) -> None:
-        """Replace the given projection types of one block by their quantized values."""
-        quantizer = quantizer or (lambda w: fake_quantize(w, bits, group_size))
-        for t, ref in self.refs[layer].items():
-            if types is not None and t not in types:
-                continue
-            if ref.param not in self._saved:
-                self._saved[ref.param] = self.params[ref.param].data.clone()
-            q = quantizer(self._matrix(ref))
-            view = self._view(ref)
-            with torch.no_grad():
-                if ref.rows is None:
-                    view.copy_(q)
-                elif isinstance(ref.rows, slice):
-                    view[ref.rows] = q
-                else:  # index_put_ on a (possibly transposed) view writes through to the parameter
-                    view[list(ref.rows)] = q
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            for name, data in self._saved.items():
-                self.params[name].data.copy_(data)
-        self._saved.clear()
-
-    @contextlib.contextmanager
-    def variant(self) -> Iterator["WeightEditor"]:
-        try:
-            yield self
-        finally:
-            self.restore()
+def rtn(bits: int, group_size: int | None):
+    """The RTN quantizer at ``bits`` and ``group_size``, as a function of one [out, in] matrix (for
+    :meth:`WeightEditor.edit`)."""
+    return lambda w: fake_quantize(w, bits, group_size)
 
 
 # ---------------------------------------------------------------------------- allocations
@@ -190,7 +117,7 @@ def spectrum_scores(editor: WeightEditor) -> np.ndarray:
     for layer in range(editor.adapter.n_layers):
         ratios = []
         for ref in editor.refs[layer].values():
-            w = editor._matrix(ref)
+            w = editor.matrix(ref)
             ratios.append(entropy_effective_rank(singular_values(w)) / min(w.shape))
         scores.append(float(np.mean(ratios)))
     return np.asarray(scores)
@@ -235,7 +162,7 @@ def _check_params(p: dict, editor: WeightEditor) -> dict:
             qmax(b)
     if p["sensitivity_bits"] not in p["bits"]:
         raise LayerscopeError(f"quantization.sensitivity_bits {p['sensitivity_bits']} is not in bits {p['bits']}")
-    if p.get("mixed", True):
+    if p["mixed"]:
         low = p["mixed_bits"] - p["mixed_step"]
         if low < 2:
             raise LayerscopeError(
@@ -282,7 +209,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
     prompts_in_order = list(dict.fromkeys(cache.tokens.loc[cache.tokens["is_target"], "prompt_id"]))
     if not prompts_in_order:
         raise LayerscopeError(f"{cache.directory}: no completion tokens to evaluate a loss on")
-    n_calib = min(int(p["max_prompts"]), len(prompts_in_order)) if p.get("max_prompts") else len(prompts_in_order)
+    n_calib = min(int(p["max_prompts"]), len(prompts_in_order)) if p["max_prompts"] else len(prompts_in_order)
     calib_ids = prompts_in_order[:n_calib]
     n_heldout = min(int(p["heldout_prompts"]), len(prompts_in_order) - n_calib)
     if p["heldout_prompts"] and n_heldout < p["heldout_prompts"]:
@@ -312,7 +239,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
     for layer in range(n_layers):
         for b in p["bits"]:
             with editor.variant():
-                editor.quantize(layer, None, b, group)
+                editor.edit(layer, None, rtn(b, group))
                 loss = ev.loss(identity, max_prefix=layer)
             record("layer", layer, "all", b, "", loss, layer)
             layer_delta[b][layer] = loss - baseline(layer)
@@ -327,7 +254,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
             for b in p["bits"]:
                 with editor.variant():
                     for layer in range(n_layers):
-                        editor.quantize(layer, [t], b, group)
+                        editor.edit(layer, [t], rtn(b, group))
                     loss = ev.loss(identity, max_prefix=0)
                 record("matrix", -1, t, b, "", loss, 0)
                 type_delta[b][t] = loss - baseline(0)
@@ -338,7 +265,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
     for b in p["uniform_bits"]:
         with editor.variant():
             for layer in range(n_layers):
-                editor.quantize(layer, None, b, group)
+                editor.edit(layer, None, rtn(b, group))
             loss = ev.loss(identity, max_prefix=0)
         record("uniform", -1, "all", b, "", loss, 0)
         uniform[b] = loss - baseline(0)
@@ -352,9 +279,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
     if after != before:  # pragma: no cover - a bug, never a user error
         raise RuntimeError("quantization sweep left the model's weights changed")
 
-    from layerscope.experiments.nonlinearity.quant_methods import run_library_methods
-
-    library = run_library_methods(p.get("library_methods", []), adapter, cache, calib_limit, p, base, record,
+    library = run_library_methods(p["library_methods"], adapter, cache, calib_limit, p, base, record,
                                   model_dir=model_dir)
 
     metrics = pd.DataFrame(records, columns=["scope", "layer", "matrix", "bits", "allocation", "split", "metric",
@@ -404,7 +329,7 @@ def _mixed_precision(adapter, cache, editor, p, group, layer_delta, calib_ids, h
     for name in ALLOCATIONS:
         with editor.variant():
             for layer in range(n_layers):
-                editor.quantize(layer, None, bits[name][layer], group)
+                editor.edit(layer, None, rtn(bits[name][layer], group))
             per_token = ev.loss(list(range(n_layers)), per_token=True, max_prefix=0)
         weights = np.array([editor.n_weights(layer) for layer in range(n_layers)], dtype=float)
         avg_bits = float(np.dot(weights, bits[name]) / weights.sum())
@@ -536,22 +461,101 @@ def plot_mixed(result: QuantizationResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: QuantizationResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    plot_layers(result, get("layers"))
-    plot_matrices(result, get("matrices"))
-    plot_mixed(result, get("mixed"))
-    write_json(get("summary"), result.summary)
-
-
-def run_quantization(model_dir, resid_path, outputs, *, params: dict, model: str, prompt_set: str,
-                     device="cpu") -> QuantizationResult:
-    """The workflow stage: load the model in float32, run every sweep, write outputs."""
+def run(job: Job) -> Result:
+    """Load the model in float32, run every sweep on its activation cache."""
     from layerscope.model.adapter import load_model
 
-    adapter = load_model(model_dir, dtype="float32", device=device, kind="decoder")
-    cache = ActivationCache(Path(resid_path).parent)
-    result = quantization(adapter, cache, model=model, prompt_set=prompt_set, params=params, model_dir=model_dir)
-    write_outputs(result, outputs)
-    return result
+    model_dir = job.input("model")
+    adapter = load_model(model_dir, dtype="float32", device=job.device, kind="decoder")
+    cache = ActivationCache(Path(job.input("resid")).parent)
+    result = quantization(adapter, cache, model=job.model, prompt_set=job.prompt_set, params=job.params,
+                          model_dir=model_dir)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics},
+        figures={"layers": partial(plot_layers, result), "matrices": partial(plot_matrices, result),
+                 "mixed": partial(plot_mixed, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="quantization",
+    family="nonlinearity",
+    description="how much precision each layer needs",
+    description_long=("Round-to-nearest symmetric per-group fake quantization of one block, one matrix type or the "
+                      "whole model, and mixed precision at equal average bits, judged by the loss on completion tokens."),
+    needs="decoder",
+    data="prompts",
+    gpu=True,
+    inputs=("model", "resid", "tokens"),
+    run=run,
+    tables=("metrics",),
+    figures=(Figure("layers", "per-block sensitivity"), Figure("matrices", "per-matrix-type sensitivity"),
+             Figure("mixed", "mixed precision")),
+    params={'bits': {'description': 'Bit widths of the per-block and per-matrix-type sweeps.',
+                 'type': 'array',
+                 'items': {'type': 'integer', 'minimum': 2, 'maximum': 16},
+                 'minItems': 1,
+                 'uniqueItems': True,
+                 'default': [2, 3, 4, 6, 8]},
+        'group_size': {'description': "Weights per quantization group along each row's input dimension; 0 = one "
+                                      'group per row.',
+                       'type': 'integer',
+                       'minimum': 0,
+                       'default': 128},
+        'sensitivity_bits': {'description': 'Bit width that ranks blocks and matrix types (headline, '
+                                            'mixed-precision allocation, correlation with linearity); must be in '
+                                            'bits.',
+                             'type': 'integer',
+                             'minimum': 2,
+                             'default': 3},
+        'matrix_types': {'description': 'Run the one-matrix-type-at-a-time sweep.',
+                         'type': 'boolean',
+                         'default': True},
+        'uniform_bits': {'description': 'Whole-model uniform bit widths.',
+                         'type': 'array',
+                         'items': {'type': 'integer', 'minimum': 2, 'maximum': 16},
+                         'uniqueItems': True,
+                         'default': [4, 8]},
+        'mixed': {'description': 'Compare mixed-precision allocations (uniform, sensitivity-guided, '
+                                 'spectrum-guided) at equal average bits.',
+                  'type': 'boolean',
+                  'default': True},
+        'mixed_bits': {'description': 'Average bits of every mixed-precision allocation.',
+                       'type': 'integer',
+                       'minimum': 2,
+                       'default': 4},
+        'mixed_step': {'description': 'Guided allocations give mixed_bits + mixed_step bits to the highest-ranked '
+                                      'blocks and mixed_bits − mixed_step to as many lowest-ranked ones.',
+                       'type': 'integer',
+                       'minimum': 1,
+                       'default': 1},
+        'mixed_fraction': {'description': 'Fraction of blocks moved up (and the same number moved down) by a guided '
+                                          'allocation.',
+                           'type': 'number',
+                           'minimum': 0,
+                           'maximum': 0.5,
+                           'default': 0.25},
+        'max_prompts': {'description': 'Calibration prompts: every sweep evaluates the loss on the first N prompts '
+                                       'of the set (null = all).',
+                        'type': ['integer', 'null'],
+                        'minimum': 1,
+                        'default': 4},
+        'heldout_prompts': {'description': 'Prompts after the calibration ones on which the mixed-precision '
+                                           'allocations are compared (0: on the calibration prompts).',
+                            'type': 'integer',
+                            'minimum': 0,
+                            'default': 2},
+        'batch_size': {'description': 'Sequences per forward pass (memory, not results).',
+                       'type': 'integer',
+                       'minimum': 1,
+                       'default': 8},
+        'library_methods': {'description': "Optional GPU library methods (pip install 'layerscope[quant]'); each is "
+                                           'skipped with a logged reason where it cannot run.',
+                            'type': 'array',
+                            'items': {'enum': ['nf4', 'torchao_int4', 'gptq']},
+                            'uniqueItems': True,
+                            'default': []}},
+    threads=4,
+    runtime=240,
+)

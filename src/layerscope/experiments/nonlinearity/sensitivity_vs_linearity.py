@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from layerscope import LayerscopeError
-from layerscope.jobs.io import output_getter, read_json, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.jobs.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +120,28 @@ def plot_scatter(result: CorrelationResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def run_sensitivity_vs_linearity(linearization_summary, quantization_summary, outputs, *, model: str,
-                                 prompt_set: str) -> CorrelationResult:
-    """The workflow stage: read both summaries, write metrics.parquet, scatter figure, summary.json."""
-    result = sensitivity_vs_linearity(read_json(linearization_summary), read_json(quantization_summary),
-                                      model=model, prompt_set=prompt_set)
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    plot_scatter(result, get("scatter"))
-    write_json(get("summary"), result.summary)
-    return result
+def run(job: Job) -> Result:
+    """Read both experiments' summaries for this model and prompt set; correlate."""
+    result = sensitivity_vs_linearity(read_json(job.input("linearization")), read_json(job.input("quantization")),
+                                      model=job.model, prompt_set=job.prompt_set)
+    return Result(summary=result.summary, tables={"metrics": result.metrics},
+                  figures={"scatter": partial(plot_scatter, result)})
+
+
+EXPERIMENT = Experiment(
+    name="sensitivity_vs_linearity",
+    family="nonlinearity",
+    description="rank correlation of quantization sensitivity with the linearization gap",
+    description_long="Cross-experiment rule: Spearman correlation between per-block quantization sensitivity and "
+                     "linearization gap; runs wherever both experiments run.",
+    needs="decoder",
+    data="prompts",
+    gpu=False,
+    inputs=("summary:linearization", "summary:quantization"),
+    run=run,
+    tables=("metrics",),
+    figures=(Figure("scatter", "sensitivity vs gap"),),
+    params={},
+    threads=1,
+    requires=("linearization", "quantization"),
+)
