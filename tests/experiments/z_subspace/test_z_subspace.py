@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -732,6 +733,62 @@ def test_bridge_on_the_cache(paired):
     row = s["by_combo"][0]
     assert row["underdetermined"] and row["r2"] <= 1
     assert set(result.metrics["metric"]) >= {"loo_r2", "r2", "orthogonality_error", "singular_value_0"}
+
+
+
+# ---------------------------------------------------------------------------- the registry: every run function
+
+
+def _defaults(name, **overrides):
+    from layerscope.experiments.registry import get
+
+    params = {key: spec["default"] for key, spec in get(name).params.items()}
+    return {**params, "seed": 0, **overrides}
+
+
+def test_the_suite_runs_through_the_registry(paired, stories_dir, tmp_path):
+    """z_mask writes its mask as a file output; the five readers read it as input "mask" and write what they declare."""
+    from safetensors import safe_open
+
+    from layerscope.experiments.registry import get
+    from layerscope.experiments.z_subspace.bridge import bridge
+    from layerscope.experiments.z_subspace.z_mask import ZMask
+    from layerscope.jobs.writer import run_experiment
+
+    states, _ = paired
+    act = states.cache.directory
+    prompts = act.parent / "pairs.json"
+
+    def outputs(name):
+        exp = get(name)
+        return {key: str(tmp_path / name / Path(pattern).name) for key, pattern in exp.outputs("png").items()}
+
+    out = outputs("z_mask")
+    run_experiment("z_mask", {"model": str(stories_dir)}, out, params=_defaults("z_mask", layers=[1, 3], k=[4, 16]),
+                   wildcards={"model": "stories"})
+    mask = ZMask.load(out["file_z_mask"])
+    assert Path(out["file_z_mask"]).name == "z_mask.safetensors" and mask.layers == [1, 3] and mask.ks == [4, 16]
+    inputs = {"mask": out["file_z_mask"], "resid": str(act / "resid.safetensors"),
+              "tokens": str(act / "tokens.parquet"), "prompts": str(prompts)}
+    overrides = {"z_patching": {"max_pairs": 2, "max_new_tokens": 4, "sources": ["mean"]},
+                 "ard_mmd": {"lambdas": [0.01], "steps": 10, "lr": 0.05}, "bridge": {"ridge": [0, 0.1]}}
+    results = {}
+    for name in ("z_separation", "update_decomposition", "z_patching", "ard_mmd", "bridge"):
+        exp = get(name)
+        assert exp.data == "paired" and exp.section == "z_subspace" and "mask" in exp.inputs
+        job_inputs = {**inputs, **({"model": str(stories_dir)} if "model" in exp.inputs else {})}
+        out = outputs(name)
+        results[name] = run_experiment(name, job_inputs, out, params=_defaults(name, **overrides.get(name, {})),
+                                       wildcards={"model": "stories", "pset": "pairs"},
+                                       render={"dtype": "float32"} if exp.render else None)
+        assert all(Path(path).is_file() for path in out.values()), name
+        summary = json.loads(Path(out["summary"]).read_text())
+        assert summary["provenance"]["experiment"] == name and summary["n_pairs"] == (2 if name == "z_patching" else 4)
+    assert (tmp_path / "z_patching/table.md").read_text().count("## layer") == 2 * 2
+    direct = bridge(states, mask, model="stories", prompt_set="pairs", ridge=[0, 0.1], intercept=True, seed=0)
+    assert results["bridge"].summary == direct.summary
+    with safe_open(str(tmp_path / "z_mask/z_mask.safetensors"), framework="pt") as handle:
+        assert "z.1.4" in handle.keys()
 
 
 # ---------------------------------------------------------------------------- report

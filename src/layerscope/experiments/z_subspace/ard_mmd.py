@@ -14,7 +14,7 @@ Objective (Adam on θ_j = log(ℓ_j / s), every λ of the grid from the same sta
 
     minimise   − mean_i MMD²_u(i; ℓ)  +  λ · mean_j s / ℓ_j
 
-i.e. the λ Σ 1/ℓ sparsity penalty of DESIGN.md with the MMD term *maximised*. The sign
+i.e. a λ Σ 1/ℓ sparsity penalty (in mean form) with the MMD term *maximised*. The sign
 matters: minimising Σ MMD² + λ Σ 1/ℓ has a trivial optimum (every ℓ → ∞ makes the kernel
 constant, MMD² = 0 and the penalty 0), while maximising the MMD finds the dimensions that
 tell the two languages apart and lets the penalty switch off (ℓ → ∞) every dimension that
@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -46,7 +47,7 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask, energy_per_dimension
 
@@ -370,21 +371,90 @@ def plot_convergence(result: ArdResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: ArdResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("lengthscales"), result.lengthscales)
-    write_parquet(get("trajectory"), result.trajectory)
-    plot_lengthscales(result, get("spectrum"))
-    plot_convergence(result, get("convergence"))
-    write_json(get("summary"), result.summary)
+def run(job: Job) -> Result:
+    """ARD-RBF lengthscales that separate each pair's zh and en token clouds (GPU when leased)."""
+    params = job.params
+    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"))
+    result = ard_mmd(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set,
+                     lambdas=params["lambdas"], steps=params["steps"], lr=params["lr"],
+                     warm_start_k=params["warm_start_k"], epsilon=params["epsilon"], off_ratio=params["off_ratio"],
+                     tol=params["tol"], device=job.device)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "lengthscales": result.lengthscales,
+                "trajectory": result.trajectory},
+        figures={"lengthscales": partial(plot_lengthscales, result),
+                 "convergence": partial(plot_convergence, result)},
+    )
 
 
-def run_ard_mmd(mask_path, resid_path, prompt_file, outputs, *, params: dict, model: str, prompt_set: str,
-                device="cpu") -> ArdResult:
-    states = PairedStates.open(Path(resid_path).parent, prompt_file)
-    result = ard_mmd(states, ZMask.load(mask_path), model=model, prompt_set=prompt_set, lambdas=params["lambdas"],
-                     steps=params["steps"], lr=params["lr"], warm_start_k=params["warm_start_k"],
-                     epsilon=params["epsilon"], off_ratio=params["off_ratio"], tol=params["tol"], device=device)
-    write_outputs(result, outputs)
-    return result
+EXPERIMENT = Experiment(
+    name="ard_mmd",
+    family="z_subspace",
+    description="ARD-RBF MMD lengthscales of zh vs en token clouds",
+    description_long="z_subspace: ARD-RBF lengthscales trained with Adam to maximise the mean unbiased MMD^2 between "
+                     "each pair's zh and en token clouds minus lambda * mean(s/l); active dimensions per layer, "
+                     "lengthscale spectrum, overlap with SVD-Z.",
+    needs="decoder",
+    data="paired",
+    gpu=True,
+    inputs=("mask", "resid", "tokens", "prompts"),
+    run=run,
+    tables=("metrics", "lengthscales", "trajectory"),
+    figures=(Figure("lengthscales", "lengthscale spectrum"), Figure("convergence", "convergence")),
+    params={
+        "lambdas": {
+            "description": "Sparsity strengths lambda of the penalty lambda * mean_j s/l_j.",
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {
+                "type": "number",
+                "minimum": 0,
+            },
+            "default": [0.001, 0.01, 0.1],
+        },
+        "steps": {
+            "description": "Adam steps per (layer, lambda).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 500,
+        },
+        "lr": {
+            "description": "Adam learning rate on log-lengthscales.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.01,
+        },
+        "warm_start_k": {
+            "description": "Which Z (k) the warm start reads its per-dimension energies from (null: the "
+                           "largest k).",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": None,
+        },
+        "epsilon": {
+            "description": "Energy floor of the warm start, as a fraction of the mean energy k/d.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.1,
+        },
+        "off_ratio": {
+            "description": "A dimension counts as shut off when its lengthscale exceeds off_ratio times the "
+                           "global scale s.",
+            "type": "number",
+            "exclusiveMinimum": 1,
+            "default": 10.0,
+        },
+        "tol": {
+            "description": "Converged when the objective changed by less than this (relative) over the last "
+                           "10% of steps.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.001,
+        },
+    },
+    threads=1,
+    runtime=60,
+    section="z_subspace",
+)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +32,7 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask
 
@@ -217,16 +218,53 @@ def plot_bridge(result: BridgeResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: BridgeResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    plot_bridge(result, get("bridge"))
-    write_json(get("summary"), result.summary)
+def run(job: Job) -> Result:
+    """Ridge regression from English to Chinese coordinates in Z, with leave-one-out R² (CPU)."""
+    params = job.params
+    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"))
+    result = bridge(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set,
+                    ridge=params["ridge"], intercept=params["intercept"], seed=params["seed"])
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics},
+        figures={"bridge": partial(plot_bridge, result)},
+    )
 
 
-def run_bridge(mask_path, resid_path, prompt_file, outputs, *, params: dict, model: str, prompt_set: str) -> BridgeResult:
-    states = PairedStates.open(Path(resid_path).parent, prompt_file)
-    result = bridge(states, ZMask.load(mask_path), model=model, prompt_set=prompt_set, ridge=params["ridge"],
-                    intercept=params["intercept"], seed=params["seed"])
-    write_outputs(result, outputs)
-    return result
+EXPERIMENT = Experiment(
+    name="bridge",
+    family="z_subspace",
+    description="linear map from en to zh coordinates in Z",
+    description_long="z_subspace: ridge-regularised linear map W from English to Chinese Z coordinates of mean-pooled"
+                     " problem states; in-sample and leave-one-out R^2, orthogonality error |W^T W - I|/k, singular "
+                     "values.",
+    needs="decoder",
+    data="paired",
+    gpu=False,
+    inputs=("mask", "resid", "tokens", "prompts"),
+    run=run,
+    tables=("metrics",),
+    figures=(Figure("bridge", "LOO R² and singular values"),),
+    params={
+        "ridge": {
+            "description": "Relative ridge strengths (alpha = alpha_rel * tr(X^T X)/k; 0 = minimum-norm least "
+                           "squares), chosen by leave-one-out R^2.",
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {
+                "type": "number",
+                "minimum": 0,
+            },
+            "default": [0, 0.001, 0.01, 0.1, 1, 10],
+        },
+        "intercept": {
+            "description": "Fit with an intercept (centred coordinates); false fits Y = X W as in the seed.",
+            "type": "boolean",
+            "default": True,
+        },
+    },
+    threads=1,
+    runtime=30,
+    section="z_subspace",
+)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask
 
@@ -152,16 +153,32 @@ def plot_ratios(result: DecompositionResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: DecompositionResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    plot_ratios(result, get("ratios"))
-    write_json(get("summary"), result.summary)
+def run(job: Job) -> Result:
+    """Every block's pooled update split into Z and Z⊥, from the activation cache (CPU)."""
+    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"))
+    result = update_decomposition(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics},
+        figures={"ratios": partial(plot_ratios, result)},
+    )
 
 
-def run_update_decomposition(mask_path, resid_path, prompt_file, outputs, *, params: dict, model: str,
-                             prompt_set: str) -> DecompositionResult:
-    states = PairedStates.open(Path(resid_path).parent, prompt_file)
-    result = update_decomposition(states, ZMask.load(mask_path), model=model, prompt_set=prompt_set)
-    write_outputs(result, outputs)
-    return result
+EXPERIMENT = Experiment(
+    name="update_decomposition",
+    family="z_subspace",
+    description="block updates split into Z and Z⊥",
+    description_long="z_subspace: R(j) = |P_Z dh_j| / |P_Zperp dh_j| of every block's mean-pooled update, zh and en "
+                     "separately, against the random-subspace expectation.",
+    needs="decoder",
+    data="paired",
+    gpu=False,
+    inputs=("mask", "resid", "tokens", "prompts"),
+    run=run,
+    tables=("metrics",),
+    figures=(Figure("ratios", "R per block"),),
+    params={},
+    threads=1,
+    runtime=30,
+    section="z_subspace",
+)

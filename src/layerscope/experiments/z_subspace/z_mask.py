@@ -1,6 +1,6 @@
 """Z-mask: the subspace that a layer's attention heads read keys from, from the weights alone.
 
-DESIGN.md experiment 13. For block ℓ and every query head h, the QK circuit is the d×d
+The mask of the z_subspace suite. For block ℓ and every query head h, the QK circuit is the d×d
 bilinear form ``M_h = W_Q^hᵀ W_K^g`` (``g`` the key/value head that ``h`` reads under
 grouped-query attention: ``g = h // gqa_group``), so that the attention score between a
 query residual x and a key residual y is ``xᵀ M_h y`` (rotary embeddings, biases and
@@ -31,6 +31,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -40,7 +41,8 @@ import torch
 
 from layerscope import LayerscopeError, __version__
 from layerscope.model.adapter import ModelAdapter
-from layerscope.jobs.io import atomic_path, output_getter, write_json, write_parquet
+from layerscope.jobs.io import atomic_path
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.engines.spectra import entropy_effective_rank
 
 log = logging.getLogger(__name__)
@@ -374,19 +376,67 @@ def plot_spectra(result: ZMaskResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: ZMaskResult, outputs) -> None:
-    get = output_getter(outputs)
-    result.mask.save(get("mask"))
-    write_parquet(get("metrics"), result.metrics)
-    plot_spectra(result, get("spectra"))
-    write_json(get("summary"), result.summary)
-
-
-def run_z_mask(model_dir, outputs, *, params: dict, model: str) -> ZMaskResult:
+def run(job: Job) -> Result:
+    """The Z-mask of one model, from its weights (CPU)."""
     from layerscope.model.adapter import load_model
 
-    adapter = load_model(model_dir, dtype="float32", device="cpu", kind="decoder")
-    result = z_mask(adapter, model=model, layers=params["layers"], k=params["k"], fold_norm=params["fold_norm"],
+    params = job.params
+    adapter = load_model(job.input("model"), dtype="float32", device="cpu", kind="decoder")
+    result = z_mask(adapter, model=job.model, layers=params["layers"], k=params["k"], fold_norm=params["fold_norm"],
                     seed=params["seed"])
-    write_outputs(result, outputs)
-    return result
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics},
+        figures={"spectra": partial(plot_spectra, result)},
+        files={MASK_FILE: result.mask.save},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="z_mask",
+    family="z_subspace",
+    description="QK-circuit subspace Z per layer and k",
+    description_long="The z_subspace suite's mask, from the weights: per layer and k, V_Z = top-k right singular "
+                     "vectors of the stacked top-k right singular vectors of every head's QK circuit W_Q^T W_K, and a "
+                     "seeded random subspace of the same size. Its layers and k are those of every z_subspace "
+                     "experiment.",
+    needs="decoder",
+    data="weights",
+    gpu=False,
+    inputs=("model",),
+    run=run,
+    tables=("metrics",),
+    figures=(Figure("spectra", "QK circuits and Z"),),
+    files=(MASK_FILE,),
+    params={
+        "layers": {
+            "description": "Blocks whose input residual resid.l the mask applies to: integers are absolute "
+                           "layers (negative: from the end), numbers with a decimal point fractions of depth "
+                           "(floor(f*L + 0.5), capped at L-1; 1.0 = the last block).",
+            "type": "array",
+            "minItems": 1,
+            "items": {"anyOf": [{"type": "integer"}, {"type": "number", "minimum": 0, "maximum": 1}]},
+            "default": [0.89, 0.92],
+        },
+        "k": {
+            "description": "Subspace sizes (capped at d_model).",
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {
+                "type": "integer",
+                "minimum": 1,
+            },
+            "default": [20, 50],
+        },
+        "fold_norm": {
+            "description": "Fold the attention input norm's scale into W_Q and W_K (Z in pre-norm residual "
+                           "coordinates). Off: the circuit of the raw weights (the mask's definition).",
+            "type": "boolean",
+            "default": False,
+        },
+    },
+    threads=1,
+    runtime=30,
+    section="z_subspace",
+)

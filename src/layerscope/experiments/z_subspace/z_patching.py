@@ -1,6 +1,6 @@
 """Z patching: replace the Z (or Z⊥) content of an English problem's residual with its Chinese version's.
 
-DESIGN.md experiment 13A. For each pair, the English prompt is generated greedily (≤ 100
+The z_subspace suite's causal test. For each pair, the English prompt is generated greedily (≤ 100
 new tokens) under five conditions at a Z-mask layer ℓ (the residual ``resid.ℓ`` entering
 block ℓ, changed by a forward pre-hook on that block):
 
@@ -56,6 +56,7 @@ import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -65,7 +66,8 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.adapter import ModelAdapter
-from layerscope.jobs.io import output_getter, write_json, write_parquet, write_text
+from layerscope.jobs.io import write_text
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask
 
@@ -529,26 +531,111 @@ def plot_rates(result: PatchingResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: PatchingResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("table"), result.table)
-    write_parquet(get("metrics"), result.metrics)
-    write_text(get("markdown"), result.markdown)
-    plot_rates(result, get("rates"))
-    write_json(get("summary"), result.summary)
+def _write_markdown(result: PatchingResult, path: Path) -> None:
+    write_text(path, result.markdown)
 
 
-def run_z_patching(model_dir, mask_path, resid_path, prompt_file, outputs, *, params: dict, model: str,
-                   prompt_set: str, device="cpu", dtype: str = "auto") -> PatchingResult:
+def run(job: Job) -> Result:
+    """en←zh subspace patching of greedy generation at the Z-mask layers (GPU), in the model's configured dtype."""
     from layerscope.model.adapter import load_model, load_tokenizer
 
-    states = PairedStates.open(Path(resid_path).parent, prompt_file, max_pairs=params["max_pairs"])
-    adapter = load_model(model_dir, dtype=dtype, device=device, kind="decoder")
-    tokenizer = load_tokenizer(model_dir)
-    result = z_patching(adapter, tokenizer, states, ZMask.load(mask_path), model=model, prompt_set=prompt_set,
-                        sources=params["sources"], max_new_tokens=params["max_new_tokens"],
-                        positions=params["positions"], batch_size=params["batch_size"],
-                        lang_threshold=params["lang_threshold"], threshold=params["threshold"],
-                        margin=params["margin"])
-    write_outputs(result, outputs)
-    return result
+    params = job.params
+    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"), max_pairs=params["max_pairs"])
+    adapter = load_model(job.input("model"), dtype=job.render["dtype"], device=job.device, kind="decoder")
+    tokenizer = load_tokenizer(job.input("model"))
+    result = z_patching(adapter, tokenizer, states, ZMask.load(job.input("mask")), model=job.model,
+                        prompt_set=job.prompt_set, sources=params["sources"],
+                        max_new_tokens=params["max_new_tokens"], positions=params["positions"],
+                        batch_size=params["batch_size"], lang_threshold=params["lang_threshold"],
+                        threshold=params["threshold"], margin=params["margin"])
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "outputs": result.table},
+        figures={"rates": partial(plot_rates, result)},
+        files={"table.md": partial(_write_markdown, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="z_patching",
+    family="z_subspace",
+    description="en←zh subspace patching during generation",
+    description_long="z_subspace: generate from each pair's English prompt with its Z / Z-perp / full / random-"
+                     "subspace content replaced by the Chinese version's (mean-broadcast and OT-aligned sources); "
+                     "answer change, language preservation/disruption, verdict.",
+    needs="decoder",
+    data="paired",
+    gpu=True,
+    inputs=("model", "mask", "resid", "tokens", "prompts"),
+    run=run,
+    tables=("metrics", "outputs"),
+    figures=(Figure("rates", "answer and language changes"),),
+    files=("table.md",),
+    params={
+        "max_pairs": {
+            "description": "Patch only the first N pairs of the prompt set (null: all).",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": None,
+        },
+        "max_new_tokens": {
+            "description": "Greedy tokens generated per condition.",
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 1024,
+            "default": 100,
+        },
+        "sources": {
+            "description": "mean: the Chinese problem's mean state broadcast to every patched position; ot: "
+                           "per English token, the optimal-transport (exact EMD) barycentre of the Chinese "
+                           "token states.",
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {
+                "enum": ["mean", "ot"],
+            },
+            "default": ["mean", "ot"],
+        },
+        "positions": {
+            "description": "prompt: patch the English problem-text tokens; all: also every later position "
+                           "(closing template and each generated token) with the mean source.",
+            "enum": ["prompt", "all"],
+            "default": "prompt",
+        },
+        "batch_size": {
+            "description": "Conditions generated at once (memory, not results).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 32,
+        },
+        "lang_threshold": {
+            "description": "Output language by CJK fraction f among letters: en if f <= t, zh if f >= 1 - t, "
+                           "else mixed.",
+            "type": "number",
+            "minimum": 0,
+            "maximum": 0.5,
+            "default": 0.2,
+        },
+        "threshold": {
+            "description": "Rate at which a patch counts as changing answers / preserving or disrupting "
+                           "language (double dissociation).",
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.5,
+        },
+        "margin": {
+            "description": "How much more often Z must change answers than Z-perp for a partial verdict (and "
+                           "than the random subspace for z_specific).",
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "default": 0.2,
+        },
+    },
+    threads=4,
+    runtime=120,
+    section="z_subspace",
+    render=True,
+)

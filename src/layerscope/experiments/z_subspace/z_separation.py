@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask
 
@@ -171,16 +172,32 @@ def plot_separation(result: SeparationResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: SeparationResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    plot_separation(result, get("separation"))
-    write_json(get("summary"), result.summary)
+def run(job: Job) -> Result:
+    """zh/en separation in Z, Z⊥ and a random subspace, from the activation cache (CPU)."""
+    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"))
+    result = z_separation(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics},
+        figures={"separation": partial(plot_separation, result)},
+    )
 
 
-def run_z_separation(mask_path, resid_path, prompt_file, outputs, *, params: dict, model: str,
-                     prompt_set: str) -> SeparationResult:
-    states = PairedStates.open(Path(resid_path).parent, prompt_file)
-    result = z_separation(states, ZMask.load(mask_path), model=model, prompt_set=prompt_set)
-    write_outputs(result, outputs)
-    return result
+EXPERIMENT = Experiment(
+    name="z_separation",
+    family="z_subspace",
+    description="zh/en separation and energy in Z, Z⊥, random",
+    description_long="z_subspace: separation ratio and energy fractions of mean-pooled zh/en problem states in Z, "
+                     "Z-perp and the random control, against the k/d chance level.",
+    needs="decoder",
+    data="paired",
+    gpu=False,
+    inputs=("mask", "resid", "tokens", "prompts"),
+    run=run,
+    tables=("metrics",),
+    figures=(Figure("separation", "separation and energy"),),
+    params={},
+    threads=1,
+    runtime=30,
+    section="z_subspace",
+)
