@@ -504,3 +504,43 @@ def naive_losses(evaluator: LossEvaluator, sequences: Iterable[Sequence[int]], *
                     nll[p.target_order] = -picked.double().cpu().numpy()
         out.append(float(nll.mean()))
     return out
+
+
+# ---------------------------------------------------------------------------- the surgery experiments' evaluator
+
+# the parameters every surgery experiment (knockout, swap, shuffle) takes for its evaluator
+SURGERY_PARAMS = {
+    "batch_size": {
+        "description": "Prompts per group: one packed row (shared prefix computed once) or one padded batch.",
+        "type": "integer",
+        "minimum": 1,
+        "default": 8
+    },
+    "layout": {
+        "description": "packed: prompts of a group in one row with a tree-shaped causal mask (shared prefix once, "
+                       "no padding); padded: right-padded batches; auto: packed where the architecture allows it "
+                       "(no sliding-window attention, sdpa or eager attention).",
+        "enum": ["auto", "packed", "padded"],
+        "default": "auto"
+    },
+    "dtype": {
+        "description": "Compute dtype of the model for the surgery runs (auto: bfloat16 on GPU, float32 on CPU).",
+        "enum": ["float32", "bfloat16", "float16", "auto"],
+        "default": "float32"
+    },
+}
+
+
+def surgery_evaluator(model_dir, resid_path, *, params: dict, device="cpu") -> LossEvaluator:
+    """The loss evaluator every surgery experiment runs on (model in ``params['dtype']``, cache beside resid)."""
+    from pathlib import Path
+
+    from layerscope.model.adapter import load_model
+
+    adapter = load_model(model_dir, dtype=params["dtype"], device=device, kind="decoder")
+    cache = ActivationCache(Path(resid_path).parent)
+    evaluator = LossEvaluator(adapter, cache, batch_size=params["batch_size"], device=device,
+                              max_prompts=params["max_prompts"], layout=params["layout"])
+    log.info("surgery on %d prompts (%d completion tokens), %s layout, %d positions per block call",
+             len(evaluator.prompts), evaluator.n_targets, evaluator.layout, evaluator.positions_per_block)
+    return evaluator

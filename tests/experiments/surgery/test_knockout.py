@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from layerscope.model.adapter import load_model, load_tokenizer
-from layerscope.experiments.surgery.knockout import knockout, knockout_sweep, write_outputs
+from layerscope.experiments.surgery.knockout import knockout, knockout_sweep
 from layerscope.engines.surgery import LossEvaluator, naive_losses, skip
 from layerscope.engines.tracing import causal_trace, restored_probabilities, trace_prompts
+from layerscope.jobs.writer import run_experiment
 from tests.helpers.surgery_data import story_cache
 from tests.helpers.surgery import Reference, reference_loss, shared_prefix_cache
 
@@ -65,7 +67,7 @@ def test_knockout_ratios_match_huggingface_forward_with_a_block_removed(story):
                                rtol=1e-5)
 
 
-def test_every_knockout_changes_the_loss_and_the_summary_is_consistent(story, tmp_path):
+def test_every_knockout_changes_the_loss_and_the_summary_is_consistent(story, stories_dir, tmp_path):
     adapter, cache, _ = story
     ev = LossEvaluator(adapter, cache, batch_size=4, max_prompts=4)
     trace = causal_trace(adapter, cache, n_prompts=2, n_positions=4, noise_scale=3.0, seed=1)
@@ -82,14 +84,23 @@ def test_every_knockout_changes_the_loss_and_the_summary_is_consistent(story, tm
     assert s["n_prompts"] == 4 and s["n_tokens"] == ev.n_targets
     per_layer = result.metrics.query("metric == 'ratio'")
     np.testing.assert_allclose(per_layer["value"], ratio)
+    # the registered experiment, run from the model folder and the cache with the same parameters, writes it all
     outputs = {k: tmp_path / name for k, name in [
-        ("metrics", "metrics.parquet"), ("pairs", "pairs.parquet"), ("tracing", "tracing.parquet"),
-        ("ratio_plot", "ratio.png"), ("synergy_plot", "synergy.png"), ("tracing_plot", "tracing.png"),
+        ("table_metrics", "metrics.parquet"), ("table_pairs", "pairs.parquet"), ("table_tracing", "tracing.parquet"),
+        ("figure_ratio", "ratio.png"), ("figure_synergy", "synergy.png"), ("figure_tracing", "tracing.png"),
         ("summary", "summary.json")]}
-    write_outputs(result, outputs)
+    params = {"max_prompts": 4, "batch_size": 4, "layout": "auto", "dtype": "float32", "pairwise_top": 4,
+              "top_synergy": 3, "trace_prompts": 2, "trace_positions": 4, "trace_noise": 3.0, "trace_samples": 1,
+              "seed": 1}
+    run_experiment("knockout", {"model": stories_dir, "resid": cache.directory / "resid.safetensors",
+                                "tokens": cache.directory / "tokens.parquet"}, outputs, params=params,
+                   wildcards={"model": "stories", "pset": "s"})
     for path in outputs.values():
         assert path.is_file() and path.stat().st_size > 0
     written = json.loads(outputs["summary"].read_text())
+    assert written.pop("provenance")["experiment"] == "knockout"
+    assert written == json.loads(json.dumps(s))
+    pd.testing.assert_frame_equal(pd.read_parquet(outputs["table_pairs"]), result.pairs)
     for key in ("baseline_loss", "ratio_by_layer", "most_critical_layer", "min_ratio", "top_synergy_pairs",
                 "trace_p_clean", "trace_peak_layer"):
         assert key in written

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import kendalltau
 
 from layerscope import LayerscopeError
 from layerscope.experiments.surgery.shuffle import (
     METHODS, REFINERS, WEIGHT_METHODS, ShuffledModel, ShuffleParams, fiedler_order, random_permutation, recover,
-    score, shortest_path, shuffle_experiment, write_outputs,
+    score, shortest_path, shuffle_experiment,
 )
 from layerscope.engines.surgery import LossEvaluator
+from layerscope.jobs.writer import run_experiment
 from tests.helpers.surgery_data import story_cache
 
 
@@ -101,7 +103,7 @@ def test_evaluation_budgets_are_respected(story_evaluator):
         recover(model, ShuffleParams(methods=("sorting_hat",)))
 
 
-def test_shuffle_summary_and_outputs(story_evaluator, tmp_path):
+def test_shuffle_summary_and_outputs(story_evaluator, stories_dir, tmp_path):
     params = ShuffleParams(refine_max_evals=30, anneal_steps=30, pipeline_max_evals=40)
     result = shuffle_experiment(story_evaluator, model="stories", prompt_set="p", params=params, permutation_seed=5)
     again = shuffle_experiment(story_evaluator, model="stories", prompt_set="p", params=params, permutation_seed=5)
@@ -118,12 +120,25 @@ def test_shuffle_summary_and_outputs(story_evaluator, tmp_path):
         seq = result.orders[result.orders["method"] == row["method"]].sort_values("position")["block"].tolist()
         assert score(seq) == (row["accuracy"], row["kendall_tau"])
         assert row["loss"] == pytest.approx(story_evaluator.loss(seq), rel=1e-6)
+    # the registered experiment, run from the model folder and the cache with the same parameters, writes it all
     outputs = {k: tmp_path / name for k, name in [
-        ("metrics", "metrics.parquet"), ("orders", "orders.parquet"), ("methods_plot", "methods.png"),
-        ("orders_plot", "orders.png"), ("summary", "summary.json")]}
-    write_outputs(result, outputs)
+        ("table_metrics", "metrics.parquet"), ("table_orders", "orders.parquet"), ("figure_methods", "methods.png"),
+        ("figure_orders", "orders.png"), ("summary", "summary.json")]}
+    defaults = ShuffleParams()
+    config = {"max_prompts": None, "batch_size": 6, "layout": "auto", "dtype": "float32", "permutation_seed": 5,
+              "methods": list(METHODS), "refine_max_evals": 30, "reinsert_window": defaults.reinsert_window,
+              "anneal_steps": 30, "anneal_t_start": defaults.anneal_t_start, "anneal_t_end": defaults.anneal_t_end,
+              "pipeline_max_evals": 40, "probe_sequences": defaults.probe_sequences,
+              "probe_length": defaults.probe_length, "memo_states": defaults.memo_states, "seed": defaults.seed}
+    directory = story_evaluator.cache.directory
+    run_experiment("shuffle", {"model": stories_dir, "resid": directory / "resid.safetensors",
+                               "tokens": directory / "tokens.parquet"}, outputs, params=config,
+                   wildcards={"model": "stories", "pset": "p"})
     assert all(p.is_file() for p in outputs.values())
-    assert json.loads(outputs["summary"].read_text())["best_method"] == s["best_method"]
+    written = json.loads(outputs["summary"].read_text())
+    assert written["best_method"] == s["best_method"]
+    assert written["permutation"] == s["permutation"] and written["provenance"]["experiment"] == "shuffle"
+    pd.testing.assert_frame_equal(pd.read_parquet(outputs["table_orders"]), result.orders)
 
 
 def test_surgery_config_blocks_fill_defaults_and_reject_bad_values():

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from layerscope.model.adapter import load_model, load_tokenizer
 from layerscope.engines.surgery import LossEvaluator, swap
-from layerscope.experiments.surgery.swap import layer_ranges, swap_experiment, swap_matrix, write_outputs, zones
+from layerscope.experiments.surgery.swap import layer_ranges, swap_experiment, swap_matrix, zones
+from layerscope.jobs.writer import run_experiment
 from tests.helpers.surgery import Reference, reference_loss, shared_prefix_cache, token_cache
 
 
@@ -56,7 +58,7 @@ def test_layer_ranges():
     assert layer_ranges([3]) == "3" and layer_ranges([4, 3]) == "3-4"
 
 
-def test_swap_experiment_summary_and_outputs(stories, tmp_path):
+def test_swap_experiment_summary_and_outputs(stories, stories_dir, tmp_path):
     adapter, tok = stories
     cache, _ = token_cache(adapter, tok, tmp_path / "cache")
     ev = LossEvaluator(adapter, cache)
@@ -76,11 +78,19 @@ def test_swap_experiment_summary_and_outputs(stories, tmp_path):
     covered = sorted(int(x) for zone in s["zones"] for part in zone.split(",")
                      for x in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1))
     assert covered == list(range(5))
+    # the registered experiment, run from the model folder and the cache with the same parameters, writes it all
     outputs = {k: tmp_path / name for k, name in [
-        ("metrics", "metrics.parquet"), ("pairs", "pairs.parquet"), ("cost_matrix_plot", "cost_matrix.png"),
-        ("sensitivity_plot", "sensitivity.png"), ("summary", "summary.json")]}
-    write_outputs(result, outputs)
+        ("table_metrics", "metrics.parquet"), ("table_pairs", "pairs.parquet"), ("figure_cost_matrix", "cost_matrix.png"),
+        ("figure_sensitivity", "sensitivity.png"), ("summary", "summary.json")]}
+    params = {"max_prompts": None, "batch_size": 8, "layout": "auto", "dtype": "float32",
+              "interchangeable_ratio": 1.5, "n_zones": 2, "seed": 0}
+    run_experiment("swap", {"model": stories_dir, "resid": cache.directory / "resid.safetensors",
+                            "tokens": cache.directory / "tokens.parquet"}, outputs, params=params,
+                   wildcards={"model": "stories", "pset": "p"})
     assert all(p.is_file() for p in outputs.values())
     written = json.loads(outputs["summary"].read_text())
+    assert written.pop("provenance")["experiment"] == "swap"
+    assert written == json.loads(json.dumps(s))
+    pd.testing.assert_frame_equal(pd.read_parquet(outputs["table_pairs"]), result.pairs)
     for key in ("n_interchangeable", "zones", "most_position_sensitive_layer", "cheapest_swap", "adjacent_mean_ratio"):
         assert key in written

@@ -17,15 +17,16 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from layerscope import LayerscopeError
-from layerscope.engines.surgery import LossEvaluator, skip
+from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, skip, surgery_evaluator
 from layerscope.engines.tracing import TraceResult
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -172,18 +173,92 @@ def plot_tracing(result: KnockoutResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("ratio", "synergy", "tracing")
+def run(job: Job) -> Result:
+    """Knockout, pairwise synergy and causal tracing of one model on one prompt set (runs model blocks)."""
+    from layerscope.engines.tracing import causal_trace
 
-
-def write_outputs(result: KnockoutResult, outputs) -> None:
-    """metrics, pairs, tracing (parquet), the figures, then summary.json last."""
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("pairs"), result.pairs)
-    trace = result.trace.table if result.trace is not None else pd.DataFrame(
+    params = job.params
+    evaluator = surgery_evaluator(job.input("model"), job.input("resid"), params=params, device=job.device)
+    trace = None
+    if params["trace_prompts"] > 0:
+        trace = causal_trace(evaluator.adapter, evaluator.cache, n_prompts=params["trace_prompts"],
+                             n_positions=params["trace_positions"], noise_scale=params["trace_noise"],
+                             n_samples=params["trace_samples"], seed=params["seed"], device=evaluator.device,
+                             layout=params["layout"])
+    result = knockout(evaluator, model=job.model, prompt_set=job.prompt_set, pairwise_top=params["pairwise_top"],
+                      top_synergy=params["top_synergy"], trace=trace)
+    tracing = result.trace.table if result.trace is not None else pd.DataFrame(
         columns=["prompt_id", "layer", "offset", "position", "token", "p_restored"])
-    write_parquet(get("tracing"), trace)
-    plot_ratio(result, get("ratio_plot"))
-    plot_synergy(result, get("synergy_plot"))
-    plot_tracing(result, get("tracing_plot"))
-    write_json(get("summary"), result.summary)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "pairs": result.pairs, "tracing": tracing},
+        figures={"ratio": partial(plot_ratio, result), "synergy": partial(plot_synergy, result),
+                 "tracing": partial(plot_tracing, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="knockout",
+    family="surgery",
+    description="loss with each block skipped, pairwise synergy, causal tracing",
+    description_long="Knockout of each block, pairwise synergy among the most damaging ones, and causal tracing.",
+    needs="decoder",
+    data="prompts",
+    gpu=True,
+    inputs=("model", "resid", "tokens"),
+    run=run,
+    tables=("metrics", "pairs", "tracing"),
+    figures=(Figure("ratio", "loss ratio per skipped block"), Figure("synergy", "pairwise synergy"),
+             Figure("tracing", "causal tracing")),
+    params={
+        "max_prompts": {
+            "description": "Evaluate the loss on the prompt set's first N prompts only (null: all). Every variant "
+                           "re-runs blocks on these prompts, so this sets the cost.",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": 4
+        },
+        **SURGERY_PARAMS,
+        "pairwise_top": {
+            "description": "Knock out every pair among this many blocks with the largest single-knockout loss "
+                           "increase (0: no pairs).",
+            "type": "integer",
+            "minimum": 0,
+            "default": 6
+        },
+        "top_synergy": {
+            "description": "How many pairs with the largest synergy Δ(i,j) − Δ(i) − Δ(j) the summary lists.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 5
+        },
+        "trace_prompts": {
+            "description": "Causal tracing on the first N prompts with prompt tokens and a completion (0: no tracing).",
+            "type": "integer",
+            "minimum": 0,
+            "default": 2
+        },
+        "trace_positions": {
+            "description": "Positions traced: the answer position (the one predicting the first completion token) "
+                           "and the N−1 before it.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 8
+        },
+        "trace_noise": {
+            "description": "Noise standard deviation added to resid.0 at the prompt tokens, in units of the standard "
+                           "deviation of resid.0 over the cache.",
+            "type": "number",
+            "minimum": 0,
+            "default": 3.0
+        },
+        "trace_samples": {
+            "description": "Noise samples per prompt (restored probabilities are averaged over them).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 1
+        }
+    },
+    threads=2,
+    runtime=120,
+)

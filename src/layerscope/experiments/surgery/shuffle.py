@@ -51,6 +51,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -60,8 +61,8 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.adapter import BlockInputs
-from layerscope.engines.surgery import LossEvaluator, PrefixMemo, move
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, PrefixMemo, move, surgery_evaluator
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -558,13 +559,122 @@ def plot_orders(result: ShuffleResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("methods", "orders")
+def run(job: Job) -> Result:
+    """Shuffle the blocks of one model and recover their order (runs model blocks)."""
+    params = job.params
+    evaluator = surgery_evaluator(job.input("model"), job.input("resid"), params=params, device=job.device)
+    seed = params["seed"]
+    options = ShuffleParams(
+        methods=tuple(params["methods"]), refine_max_evals=params["refine_max_evals"],
+        reinsert_window=params["reinsert_window"], anneal_steps=params["anneal_steps"],
+        anneal_t_start=params["anneal_t_start"], anneal_t_end=params["anneal_t_end"],
+        pipeline_max_evals=params["pipeline_max_evals"], probe_sequences=params["probe_sequences"],
+        probe_length=params["probe_length"], memo_states=params["memo_states"], seed=seed,
+    )
+    permutation_seed = params["permutation_seed"]
+    result = shuffle_experiment(evaluator, model=job.model, prompt_set=job.prompt_set, params=options,
+                                permutation_seed=seed if permutation_seed is None else permutation_seed)
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "orders": result.orders},
+        figures={"methods": partial(plot_methods, result), "orders": partial(plot_orders, result)},
+    )
 
 
-def write_outputs(result: ShuffleResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("orders"), result.orders)
-    plot_methods(result, get("methods_plot"))
-    plot_orders(result, get("orders_plot"))
-    write_json(get("summary"), result.summary)
+EXPERIMENT = Experiment(
+    name="shuffle",
+    family="surgery",
+    description="recovering the order of shuffled blocks",
+    description_long="Shuffle all blocks, recover the order with weights-only methods, loss-driven refiners and a "
+                     "combined pipeline.",
+    needs="decoder",
+    data="prompts",
+    gpu=True,
+    inputs=("model", "resid", "tokens"),
+    run=run,
+    tables=("metrics", "orders"),
+    figures=(Figure("methods", "recovery methods compared"), Figure("orders", "recovered orders")),
+    params={
+        "max_prompts": {
+            "description": "Evaluate the loss on the prompt set's first N prompts only (null: all). Every variant "
+                           "re-runs blocks on these prompts, so this sets the cost.",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": 1
+        },
+        **SURGERY_PARAMS,
+        "permutation_seed": {
+            "description": "Seed of the shuffling permutation (null: the run's seed).",
+            "type": ["integer", "null"],
+            "default": None
+        },
+        "methods": {
+            "description": "Recovery methods to run and score.",
+            "type": "array",
+            "minItems": 1,
+            "uniqueItems": True,
+            "items": {"enum": ["weight_stats", "activation_flow", "tsp_2opt", "spectral", "reinsert", "bubble",
+                               "anneal", "pipeline"]},
+            "default": ["weight_stats", "activation_flow", "tsp_2opt", "spectral", "reinsert", "bubble", "anneal",
+                        "pipeline"]
+        },
+        "refine_max_evals": {
+            "description": "Loss evaluations each refiner (reinsert, bubble, anneal) may spend from the shuffled "
+                           "start.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 60
+        },
+        "reinsert_window": {
+            "description": "Re-insertion moves a block at most this many positions (null: anywhere).",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": 3
+        },
+        "anneal_steps": {
+            "description": "Simulated-annealing steps (one loss evaluation each, within refine_max_evals).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 60
+        },
+        "anneal_t_start": {
+            "description": "Initial annealing temperature, in relative loss change.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.05
+        },
+        "anneal_t_end": {
+            "description": "Final annealing temperature (geometric schedule).",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.0005
+        },
+        "pipeline_max_evals": {
+            "description": "Loss evaluations of the pipeline (best weights-only order, then reinsert and bubble).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 250
+        },
+        "probe_sequences": {
+            "description": "Random token sequences the activation-flow method propagates.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 2
+        },
+        "probe_length": {
+            "description": "Length of each random probe sequence.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 32
+        },
+        "memo_states": {
+            "description": "Prefix states the refiners keep besides those of their current order (memory, not "
+                           "results).",
+            "type": "integer",
+            "minimum": 0,
+            "default": 64
+        }
+    },
+    threads=2,
+    runtime=180,
+)

@@ -20,14 +20,15 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from layerscope import LayerscopeError
-from layerscope.engines.surgery import LossEvaluator, swap
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, surgery_evaluator, swap
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +197,54 @@ def plot_sensitivity(result: SwapResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("cost_matrix", "sensitivity")
+def run(job: Job) -> Result:
+    """The swap cost of every pair of blocks of one model on one prompt set (runs model blocks)."""
+    params = job.params
+    evaluator = surgery_evaluator(job.input("model"), job.input("resid"), params=params, device=job.device)
+    result = swap_experiment(evaluator, model=job.model, prompt_set=job.prompt_set,
+                             interchangeable_ratio=params["interchangeable_ratio"], n_zones=params["n_zones"])
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "pairs": result.pairs},
+        figures={"cost_matrix": partial(plot_cost_matrix, result), "sensitivity": partial(plot_sensitivity, result)},
+    )
 
 
-def write_outputs(result: SwapResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("pairs"), result.pairs)
-    plot_cost_matrix(result, get("cost_matrix_plot"))
-    plot_sensitivity(result, get("sensitivity_plot"))
-    write_json(get("summary"), result.summary)
+EXPERIMENT = Experiment(
+    name="swap",
+    family="surgery",
+    description="loss with every pair of blocks swapped; zones",
+    description_long="Loss with every pair of blocks swapped, interchangeable pairs, zones, position sensitivity.",
+    needs="decoder",
+    data="prompts",
+    gpu=True,
+    inputs=("model", "resid", "tokens"),
+    run=run,
+    tables=("metrics", "pairs"),
+    figures=(Figure("cost_matrix", "swap cost matrix and zones"), Figure("sensitivity", "position sensitivity")),
+    params={
+        "max_prompts": {
+            "description": "Evaluate the loss on the prompt set's first N prompts only (null: all). Every variant "
+                           "re-runs blocks on these prompts, so this sets the cost.",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": 2
+        },
+        **SURGERY_PARAMS,
+        "interchangeable_ratio": {
+            "description": "A swap is interchangeable when its loss ratio (swapped / baseline) is below this.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 1.05
+        },
+        "n_zones": {
+            "description": "Zones cut from the average-linkage clustering of the blocks' swap-cost profiles "
+                           "(rows of ln ratio).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 3
+        }
+    },
+    threads=2,
+    runtime=240,
+)
