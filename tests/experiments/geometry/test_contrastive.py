@@ -16,8 +16,9 @@ from layerscope.data.activations import ActivationCache, TokenSequence, extract_
 from layerscope.model.adapter import load_model, load_tokenizer
 from layerscope.experiments.geometry.contrastive import (
     RELATIONS, ContrastiveGroupsError, common_prefix_length, contrastive, crossover, encode_groups, force_decode,
-    load_groups, shared_prefix, write_outputs,
+    load_groups, shared_prefix,
 )
+from layerscope.jobs.writer import run_experiment
 from layerscope.engines.readout import Readout
 from tests.helpers.tiny_models import tiny_configs
 
@@ -179,20 +180,22 @@ def test_prompt_rendering(stories):
     assert common_prefix_length([[1, 2], [3]]) == 0
 
 
-def test_run_outputs_and_determinism(stories, tmp_path):
+def test_run_outputs_and_determinism(stories, stories_dir, tmp_path):
     adapter, tok = stories
     groups = load_groups(GROUPS, limit=4)
-    result = contrastive(adapter, tok, groups, model="stories", system_prompt=None)
-    names = ("metrics", "per_group", "cosine", "kl", "crossover", "relations", "summary")
-    outputs = {k: tmp_path / f"{k}.{'png' if k in ('cosine', 'kl', 'crossover', 'relations') else 'json' if k == 'summary' else 'parquet'}"
-               for k in names}
-    write_outputs(result, outputs)
+    outputs = {"summary": tmp_path / "summary.json",
+               **{f"table_{k}": tmp_path / f"{k}.parquet" for k in ("metrics", "per_group")},
+               **{f"figure_{k}": tmp_path / f"{k}.png" for k in ("cosine", "kl", "crossover", "relations")}}
+    params = {"groups": str(GROUPS), "max_groups": 4, "lens_tokens": "last", "seed": 0}
+    render = {"dtype": "float32", "system_prompt": None, "chat_template": "auto"}
+    result = run_experiment("contrastive", {"model": str(stories_dir), "groups": str(GROUPS)}, outputs,
+                            params=params, wildcards={"model": "stories"}, render=render)
     assert all(p.is_file() for p in outputs.values())
-    per_group = pd.read_parquet(outputs["per_group"])
+    per_group = pd.read_parquet(outputs["table_per_group"])
     assert len(per_group) == 4 * 4 * (adapter.n_layers + 1)
     assert (per_group["kl"] >= 0).all() and (per_group["cosine"] <= 1 + 1e-9).all()
     again = contrastive(adapter, tok, groups, model="stories", system_prompt=None)
-    pd.testing.assert_frame_equal(result.per_group, again.per_group)
+    pd.testing.assert_frame_equal(result.tables["per_group"], again.per_group)
 
 
 def test_encoders_are_refused(tiny_dirs):

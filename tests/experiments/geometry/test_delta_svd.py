@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from tests.helpers.cache import stories_cache, synthetic_cache
 from layerscope import LayerscopeError
-from layerscope.experiments.geometry.delta_svd import delta_svd, phase_assignment, write_outputs
+from layerscope.experiments.geometry.delta_svd import EXPERIMENT, delta_svd, phase_assignment
+from layerscope.jobs.writer import run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +112,16 @@ def test_capture_is_left_out_where_it_would_be_trivial(cache):
 
 
 def test_outputs(cache, tmp_path):
-    outputs = {"metrics": tmp_path / "m.parquet", "pairs": tmp_path / "p.parquet", "curves": tmp_path / "c.png",
-               "directions": tmp_path / "d.png", "summary": tmp_path / "s.json"}
-    result = delta_svd(cache, model="stories", prompt_set="geo")
-    write_outputs(result, outputs)
+    outputs = {"table_metrics": tmp_path / "m.parquet", "table_pairs": tmp_path / "p.parquet",
+               "figure_curves": tmp_path / "c.png", "figure_directions": tmp_path / "d.png",
+               "summary": tmp_path / "s.json"}
+    params = {name: spec["default"] for name, spec in EXPERIMENT.params.items()} | {"seed": 0}
+    inputs = {"resid": str(cache.directory / "resid.safetensors"), "tokens": str(cache.directory / "tokens.parquet")}
+    result = run_experiment("delta_svd", inputs, outputs, params=params, wildcards={"model": "stories", "pset": "geo"})
     assert all(p.is_file() for p in outputs.values())
-    pairs = pd.read_parquet(outputs["pairs"])
+    pd.testing.assert_frame_equal(result.tables["metrics"], delta_svd(cache, model="stories", prompt_set="geo").metrics)
+    pairs = pd.read_parquet(outputs["table_pairs"])
     assert len(pairs) == cache.n_layers**2
-    metrics = pd.read_parquet(outputs["metrics"])
+    metrics = pd.read_parquet(outputs["table_metrics"])
     sv = metrics[metrics["metric"] == "singular_value"]
     assert len(sv) == cache.n_layers * 8 and (sv.groupby("block")["value"].apply(lambda v: v.is_monotonic_decreasing)).all()

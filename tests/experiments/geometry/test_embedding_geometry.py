@@ -13,8 +13,9 @@ from tests.helpers import REPO
 from layerscope.model.adapter import load_model, load_tokenizer
 from layerscope.experiments.geometry.embedding_geometry import (
     WordListError, covariance_eigenvalues_chunked, embedding_geometry, embedding_matrices, load_word_categories,
-    matrix_geometry, single_token, write_outputs,
+    matrix_geometry, single_token,
 )
+from layerscope.jobs.writer import run_experiment
 
 WORDS = REPO / "resources" / "word_categories.json"
 
@@ -156,17 +157,21 @@ def test_untied_unembedding_is_measured_too(tiny_dirs):
     assert set(result.metrics["matrix"]) == {"embedding", "unembedding"}
 
 
-def test_outputs_and_determinism(stories, stories_result, tmp_path):
+def test_outputs_and_determinism(stories, stories_dir, stories_result, tmp_path):
     adapter, tok = stories
-    outputs = {k: tmp_path / f"{k}.{'png' if k in ('overview', 'categories') else 'json' if k == 'summary' else 'parquet'}"
-               for k in ("metrics", "words", "eigenspectrum", "overview", "categories", "summary")}
-    write_outputs(stories_result, outputs)
+    outputs = {"summary": tmp_path / "summary.json",
+               **{f"table_{k}": tmp_path / f"{k}.parquet" for k in ("metrics", "words", "eigenspectrum")},
+               **{f"figure_{k}": tmp_path / f"{k}.png" for k in ("overview", "categories")}}
+    params = {"categories": str(WORDS), "cosine_sample": 300, "n_simplices": 400, "min_category_words": 3, "seed": 1}
+    written = run_experiment("embedding_geometry", {"model": str(stories_dir), "categories": str(WORDS)}, outputs,
+                             params=params, wildcards={"model": "stories"})
     assert all(p.is_file() for p in outputs.values())
+    pd.testing.assert_frame_equal(written.tables["metrics"], stories_result.metrics)
     summary = json.loads(outputs["summary"].read_text())
     for key in ("participation_ratio", "dims_90", "pentachoron_cv", "pentachoron_cv_gaussian", "n_skipped_words",
                 "skipped_words", "category_separation"):
         assert key in summary
-    words = pd.read_parquet(outputs["words"])
+    words = pd.read_parquet(outputs["table_words"])
     assert "not_single_token" in set(words["status"])  # stories260K's 512-token vocabulary lacks most words
     n_words = sum(len(v) for v in load_word_categories(WORDS).values())
     assert len(words) == n_words * len(stories_result.matrices)  # stories260K is untied: two matrices

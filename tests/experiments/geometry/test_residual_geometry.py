@@ -14,7 +14,8 @@ from tests.helpers.cache import stories_cache, synthetic_cache
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache, extract_activations, sequences_from_prompts
 from layerscope.model.adapter import load_model, load_tokenizer
-from layerscope.experiments.geometry.residual_geometry import residual_geometry, select_rows, write_outputs
+from layerscope.experiments.geometry.residual_geometry import EXPERIMENT, residual_geometry, select_rows
+from layerscope.jobs.writer import run_experiment
 from layerscope.data.prompts import Prompt
 
 
@@ -125,19 +126,21 @@ def test_row_selection_and_bad_input(cache):
 
 
 def test_outputs_are_written_and_deterministic(cache, tmp_path):
-    outputs = {"metrics": tmp_path / "m.parquet", "massive": tmp_path / "x.parquet", "curves": tmp_path / "c.png",
-               "massive_figure": tmp_path / "f.png", "summary": tmp_path / "s.json"}
-    first = residual_geometry(cache, model="stories", prompt_set="geo")
-    write_outputs(first, outputs)
+    outputs = {"table_metrics": tmp_path / "m.parquet", "table_massive": tmp_path / "x.parquet",
+               "figure_curves": tmp_path / "c.png", "figure_massive": tmp_path / "f.png", "summary": tmp_path / "s.json"}
+    params = {name: spec["default"] for name, spec in EXPERIMENT.params.items()} | {"seed": 0}
+    inputs = {"resid": str(cache.directory / "resid.safetensors"), "tokens": str(cache.directory / "tokens.parquet")}
+    first = run_experiment("residual_geometry", inputs, outputs, params=params,
+                           wildcards={"model": "stories", "pset": "geo"})
     assert all(p.is_file() for p in outputs.values())
-    frame = pd.read_parquet(outputs["metrics"])
+    frame = pd.read_parquet(outputs["table_metrics"])
     assert {"model", "prompt_set", "layer", "metric", "value"} <= set(frame.columns)
     assert len(frame) == (cache.n_layers + 1) * frame["metric"].nunique()
     second = residual_geometry(cache, model="stories", prompt_set="geo")
-    pd.testing.assert_frame_equal(first.metrics, second.metrics)
+    pd.testing.assert_frame_equal(first.tables["metrics"], second.metrics)
     for key in ("pr_min", "pr_min_layer", "norm_growth", "final_category_separation", "massive_dims"):
         assert key in first.summary
-    assert first.summary["norm_growth"] == pytest.approx(first.curves["norm_mean"][-1] / first.curves["norm_mean"][0])
+    assert first.summary["norm_growth"] == pytest.approx(second.curves["norm_mean"][-1] / second.curves["norm_mean"][0])
 
 
 def test_encoder_cache(tiny_dirs, tmp_path):

@@ -1,4 +1,4 @@
-"""Contrastive completion trajectories: where meaning and surface form separate (DESIGN.md experiment 12).
+"""Contrastive completion trajectories: where meaning and surface form separate.
 
 A group is an anchor prompt, an anchor completion, and completions related to the anchor
 completion by a relation — ``synonym`` (same meaning, other words), ``antonym`` (opposite
@@ -33,6 +33,7 @@ import copy
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +42,11 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.generate import encode_prompts, uses_chat_template
-from layerscope.jobs.io import output_getter, sha256_json, write_json, write_parquet
+from layerscope.jobs.io import sha256_json
 from layerscope.engines.readout import Readout
 from layerscope.experiments.lens.logit_lens import first_true, stays_true_from
 from layerscope.data.prompts import ID_PATTERN, Prompt
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -471,27 +473,54 @@ def plot_relations(result: ContrastiveResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("cosine", "kl", "crossover", "relations")
-
-
-def write_outputs(result: ContrastiveResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("per_group"), result.per_group)
-    plot_curves(result, get("cosine"), "cosine")
-    plot_curves(result, get("kl"), "kl")
-    plot_crossover(result, get("crossover"))
-    plot_relations(result, get("relations"))
-    write_json(get("summary"), result.summary)
-
-
-def run_contrastive(model_dir, groups_path, outputs, *, params: dict, render: dict, device, model: str):
+def run(job: Job) -> Result:
+    """Force-decode the contrastive groups with one model (GPU) and compare their trajectories."""
     from layerscope.model.adapter import load_model, load_tokenizer
 
-    groups = load_groups(groups_path, limit=params.get("max_groups"))
-    adapter = load_model(model_dir, dtype=render["dtype"], device=device, kind="decoder")
+    params, render = job.params, job.render
+    model_dir = job.input("model")
+    groups = load_groups(job.input("groups"), limit=params["max_groups"])
+    adapter = load_model(model_dir, dtype=render["dtype"], device=job.device, kind="decoder")
     tokenizer = load_tokenizer(model_dir)
-    result = contrastive(adapter, tokenizer, groups, model=model, system_prompt=render["system_prompt"],
+    result = contrastive(adapter, tokenizer, groups, model=job.model, system_prompt=render["system_prompt"],
                          chat_template=render["chat_template"], lens_tokens=params["lens_tokens"])
-    write_outputs(result, outputs)
-    return result
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "per_group": result.per_group},
+        figures={"cosine": partial(plot_curves, result, which="cosine"),
+                 "kl": partial(plot_curves, result, which="kl"),
+                 "crossover": partial(plot_crossover, result), "relations": partial(plot_relations, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="contrastive",
+    family="geometry",
+    description="trajectories of force-decoded synonym/antonym/style/unrelated completions",
+    description_long="Force-decoded contrastive completions (synonym, antonym, style, unrelated); trajectory cosine "
+                     "and lens KL per layer (decoders).",
+    needs="decoder",
+    data="inputs",
+    gpu=True,
+    inputs=("model", "param:groups"),
+    run=run,
+    tables=("metrics", "per_group"),
+    figures=(Figure("cosine", "trajectory cosine"), Figure("kl", "lens KL"), Figure("crossover", "crossover"),
+             Figure("relations", "per relation")),
+    params={'groups': {'description': 'Contrastive-groups file (see resources/contrastive/groups.json).',
+                       'type': 'string',
+                       'minLength': 1,
+                       'default': 'resources/contrastive/groups.json'},
+            'max_groups': {'description': 'Use only the first N groups (null: all).',
+                           'type': ['integer', 'null'],
+                           'minimum': 1,
+                           'default': None},
+            'lens_tokens': {'description': 'Where the lens KL is read: the last completion token (what the model '
+                                           'expects next), or all tokens averaged (one read-out per token and layer: '
+                                           'costly on a CPU).',
+                            'enum': ['last', 'all'],
+                            'default': 'last'}},
+    threads=2,
+    runtime=60,
+    render=True,
+)

@@ -1,4 +1,4 @@
-"""What each block writes into the residual stream: the SVD of its updates (DESIGN.md experiment 6).
+"""What each block writes into the residual stream: the SVD of its updates.
 
 For block i, δ_i = resid.(i+1) − resid.i, stacked over the selected tokens of a prompt set
 (``roles``; the first token of every sequence is dropped by default — it often carries
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -41,7 +42,7 @@ from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.model.generate import ROLES
 from layerscope.engines.geometry import capture, orthonormal_basis, subspace_overlap
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.experiments.geometry.residual_geometry import read_rows, select_rows
 from layerscope.engines.spectra import eigh_descending, entropy_effective_rank, participation_ratio, row_chunks, stable_rank
 
@@ -334,24 +335,64 @@ def plot_directions(result: DeltaSVDResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("curves", "directions")
-
-
-def write_outputs(result: DeltaSVDResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("pairs"), result.pairs)
-    plot_curves(result, get("curves"))
-    plot_directions(result, get("directions"))
-    write_json(get("summary"), result.summary)
-
-
-def run_delta_svd(resid_path, outputs, *, params: dict, model: str, prompt_set: str) -> DeltaSVDResult:
-    cache = ActivationCache(Path(resid_path).parent)
+def run(job: Job) -> Result:
+    """The SVD of every block's residual update of one model on one prompt set, from its activation cache (CPU)."""
+    params = job.params
+    cache = ActivationCache(Path(job.input("resid")).parent)
     result = delta_svd(
-        cache, model=model, prompt_set=prompt_set, roles=params["roles"], drop_first_token=params["drop_first_token"],
-        top_k=params["top_k"], shared_rank=params["shared_rank"], phase_boundaries=params.get("phase_boundaries"),
-        phase_fractions=params["phase_fractions"],
+        cache, model=job.model, prompt_set=job.prompt_set, roles=params["roles"],
+        drop_first_token=params["drop_first_token"], top_k=params["top_k"], shared_rank=params["shared_rank"],
+        phase_boundaries=params["phase_boundaries"], phase_fractions=params["phase_fractions"],
     )
-    write_outputs(result, outputs)
-    return result
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "pairs": result.pairs},
+        figures={"curves": partial(plot_curves, result), "directions": partial(plot_directions, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="delta_svd",
+    family="geometry",
+    description="the SVD of each block's residual update",
+    description_long="SVD of each block's update δ = resid.(i+1) − resid.i over the activation cache (decoders).",
+    needs="decoder",
+    data="prompts",
+    gpu=False,
+    inputs=("resid", "tokens"),
+    run=run,
+    tables=("metrics", "pairs"),
+    figures=(Figure("curves", "per-block updates"), Figure("directions", "update directions")),
+    params={'roles': {'description': 'Token roles whose updates are stacked (system, template, prompt, completion).',
+                      'type': 'array',
+                      'items': {'enum': ['system', 'template', 'prompt', 'completion']},
+                      'minItems': 1,
+                      'uniqueItems': True,
+                      'default': ['system', 'template', 'prompt', 'completion']},
+            'drop_first_token': {'description': 'Leave out the first token of every sequence (outlier updates).',
+                                 'type': 'boolean',
+                                 'default': True},
+            'top_k': {'description': 'Singular values and right singular vectors kept per block (the directions '
+                                     'compared across blocks).',
+                      'type': 'integer',
+                      'minimum': 1,
+                      'default': 8},
+            'shared_rank': {'description': "Rank of each phase's shared subspace (top right singular vectors of the "
+                                           "phase's stacked top-k directions).",
+                            'type': 'integer',
+                            'minimum': 1,
+                            'default': 8},
+            'phase_boundaries': {'description': 'First block of each phase after the first (strictly increasing, in '
+                                                '1…L−1); null uses phase_fractions.',
+                                 'type': ['array', 'null'],
+                                 'items': {'type': 'integer', 'minimum': 1},
+                                 'default': None},
+            'phase_fractions': {'description': 'Phase boundaries as fractions of depth, used when phase_boundaries is '
+                                               'null.',
+                                'type': 'array',
+                                'items': {'type': 'number', 'exclusiveMinimum': 0, 'exclusiveMaximum': 1},
+                                'minItems': 1,
+                                'default': [0.25, 0.5, 0.75]}},
+    threads=1,
+    runtime=60,
+)

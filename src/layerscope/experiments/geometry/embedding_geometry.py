@@ -1,4 +1,4 @@
-"""Geometry of the token embedding (and of an untied unembedding), from the weights (DESIGN.md experiment 7).
+"""Geometry of the token embedding (and of an untied unembedding), from the weights.
 
 For each matrix W [vocab, d] (rows = tokens):
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.engines.geometry import between_within_ratio, cayley_menger_volume, unit_rows
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.engines.spectra import dims_for_variance, entropy_effective_rank, participation_ratio, single_thread
 
 log = logging.getLogger(__name__)
@@ -418,28 +419,58 @@ def plot_categories(result: EmbeddingGeometryResult, path: str | Path) -> None:
         save(fig, path)
 
 
-FIGURES = ("overview", "categories")
-
-
-def write_outputs(result: EmbeddingGeometryResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("words"), result.words)
-    write_parquet(get("eigenspectrum"), result.eigenspectrum)
-    plot_overview(result, get("overview"))
-    plot_categories(result, get("categories"))
-    write_json(get("summary"), result.summary)
-
-
-def run_embedding_geometry(model_dir, categories_path, outputs, *, params: dict, model: str) -> EmbeddingGeometryResult:
+def run(job: Job) -> Result:
+    """Geometry of one model's embedding (and untied unembedding) matrix, from its weights (CPU)."""
     from layerscope.model.adapter import load_model, load_tokenizer
 
-    categories = load_word_categories(categories_path)
+    params = job.params
+    model_dir = job.input("model")
+    categories = load_word_categories(job.input("categories"))
     adapter = load_model(model_dir, dtype="float32", device="cpu")
     tokenizer = load_tokenizer(model_dir)
     result = embedding_geometry(
-        adapter, tokenizer, categories, model=model, cosine_sample=params["cosine_sample"],
+        adapter, tokenizer, categories, model=job.model, cosine_sample=params["cosine_sample"],
         n_simplices=params["n_simplices"], min_category_words=params["min_category_words"], seed=params["seed"],
     )
-    write_outputs(result, outputs)
-    return result
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "words": result.words, "eigenspectrum": result.eigenspectrum},
+        figures={"overview": partial(plot_overview, result), "categories": partial(plot_categories, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="embedding_geometry",
+    family="geometry",
+    description="geometry of the (un)embedding matrix",
+    description_long="Geometry of the input embedding (and of an untied unembedding), from the weights (decoders "
+                     "and encoders).",
+    needs="any",
+    data="weights",
+    gpu=False,
+    inputs=("model", "param:categories"),
+    run=run,
+    tables=("metrics", "words", "eigenspectrum"),
+    figures=(Figure("overview", "overview"), Figure("categories", "semantic categories")),
+    params={'categories': {'description': 'Word-category file: JSON {"categories": {name: [word, ...]}}.',
+                           'type': 'string',
+                           'minLength': 1,
+                           'default': 'resources/word_categories.json'},
+            'cosine_sample': {'description': 'Tokens sampled (seeded, without replacement) for the pairwise cosine '
+                                             'distribution.',
+                              'type': 'integer',
+                              'minimum': 2,
+                              'default': 4000},
+            'n_simplices': {'description': 'Random 5-token simplices for the pentachoron volume statistics (and as '
+                                           'many Gaussian ones).',
+                            'type': 'integer',
+                            'minimum': 2,
+                            'default': 1000},
+            'min_category_words': {'description': 'A category is measured only with at least this many single-token '
+                                                  'words.',
+                                   'type': 'integer',
+                                   'minimum': 2,
+                                   'default': 3}},
+    threads=1,
+    runtime=60,
+)

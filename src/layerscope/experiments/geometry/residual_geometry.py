@@ -1,4 +1,4 @@
-"""Residual-stream geometry across depth, read from the activation cache (DESIGN.md experiment 5).
+"""Residual-stream geometry across depth, read from the activation cache.
 
 For every residual boundary ``resid.l`` (l = 0 … L) and the selected tokens of a prompt
 set (``roles``; optionally without the first token of each sequence):
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.model.generate import ROLES
 from layerscope.engines.geometry import between_within_ratio, eigen_isotropy, mean_pairwise_cosine
-from layerscope.jobs.io import output_getter, write_json, write_parquet
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.engines.spectra import (
     column_mean, dims_for_variance, eigh_descending, entropy_effective_rank, gram_matrix, participation_ratio, row_chunks,
 )
@@ -343,24 +344,56 @@ def plot_massive(result: ResidualGeometryResult, path: str | Path, max_dims: int
         save(fig, path)
 
 
-FIGURES = ("curves", "massive")
-
-
-def write_outputs(result: ResidualGeometryResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("massive"), result.massive)
-    plot_curves(result, get("curves"))
-    plot_massive(result, get("massive_figure"))
-    write_json(get("summary"), result.summary)
-
-
-def run_residual_geometry(resid_path, outputs, *, params: dict, model: str, prompt_set: str) -> ResidualGeometryResult:
-    cache = ActivationCache(Path(resid_path).parent)
+def run(job: Job) -> Result:
+    """Residual-stream geometry of one model on one prompt set, from its activation cache (CPU)."""
+    params = job.params
+    cache = ActivationCache(Path(job.input("resid")).parent)
     result = residual_geometry(
-        cache, model=model, prompt_set=prompt_set, roles=params["roles"],
+        cache, model=job.model, prompt_set=job.prompt_set, roles=params["roles"],
         drop_first_token=params["drop_first_token"], massive_ratio=params["massive_ratio"],
         massive_top_tokens=params["massive_top_tokens"],
     )
-    write_outputs(result, outputs)
-    return result
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "massive": result.massive},
+        figures={"curves": partial(plot_curves, result), "massive": partial(plot_massive, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="residual_geometry",
+    family="geometry",
+    description="norms, dimensionality, isotropy, clustering and massive activations of the residual stream",
+    description_long="Residual-stream geometry per layer over the activation cache (decoders and encoders).",
+    needs="any",
+    data="prompts",
+    gpu=False,
+    inputs=("resid", "tokens"),
+    run=run,
+    tables=("metrics", "massive"),
+    figures=(Figure("curves", "per-layer geometry"), Figure("massive", "massive activations")),
+    params={'roles': {'description': 'Token roles included (system, template, prompt, completion). Positions before '
+                                     "the prompt repeat identically across a decoder's prompts; [prompt, completion] "
+                                     'leaves them out.',
+                      'type': 'array',
+                      'items': {'enum': ['system', 'template', 'prompt', 'completion']},
+                      'minItems': 1,
+                      'uniqueItems': True,
+                      'default': ['system', 'template', 'prompt', 'completion']},
+            'drop_first_token': {'description': 'Leave out the first token of every sequence (it often carries '
+                                                'outlier activations).',
+                                 'type': 'boolean',
+                                 'default': False},
+            'massive_ratio': {'description': 'An activation |h[t, j]| is massive when it is at least this many times '
+                                             "the layer's median |h|.",
+                              'type': 'number',
+                              'exclusiveMinimum': 1,
+                              'default': 100},
+            'massive_top_tokens': {'description': 'Tokens listed per massive dimension and layer (those with the '
+                                                  'largest |h|).',
+                                   'type': 'integer',
+                                   'minimum': 1,
+                                   'default': 5}},
+    threads=1,
+    runtime=60,
+)
