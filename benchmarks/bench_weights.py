@@ -70,19 +70,17 @@ after_load = rss_mb()
 variant, out = sys.argv[2], sys.argv[4]
 from layerscope.engines.weights import weight_inventory, WeightSource
 if variant == "weight_spectra":
-    from layerscope.experiments.weights.weight_spectra import weight_spectra, write_outputs
+    from layerscope.experiments.weights.weight_spectra import EXPERIMENT, to_result, weight_spectra
+    from layerscope.jobs.writer import write_result
     result = weight_spectra(adapter, model="bench")
-    write_outputs(result, {k: f"{out}/{k}" for k in ("metrics", "singular_values", "jumps", "summary")}
-                  | {"rank_ratio": f"{out}/r.png", "spectra": f"{out}/s.png"})
+    write_result(EXPERIMENT, to_result(result), {k: f"{out}/{v.rsplit('/', 1)[-1]}" for k, v in EXPERIMENT.outputs("png").items()})
     check = {"n_matrices": result.summary["n_matrices"],
              "erank_ratio_q": round(result.summary["entropy_effective_rank_ratio_q"], 6)}
 elif variant == "weight_topology":
-    from layerscope.experiments.weights.weight_topology import weight_topology, write_outputs
+    from layerscope.experiments.weights.weight_topology import EXPERIMENT, to_result, weight_topology
+    from layerscope.jobs.writer import write_result
     result = weight_topology(adapter, model="bench")
-    names = ["metrics", "sparsity", "qk", "qk_spectra", "neurons", "cross_layer", "norm_scales", "position", "summary"]
-    write_outputs(result, {k: f"{out}/t_{k}" for k in names}
-                  | {k: f"{out}/{k}.png" for k in ("qk_figure", "cross_layer_figure", "norm_scales_figure",
-                                                    "position_figure")})
+    write_result(EXPERIMENT, to_result(result), {k: f"{out}/t_{v.rsplit('/', 1)[-1]}" for k, v in EXPERIMENT.outputs("png").items()})
     check = {"qk_sym": round(result.summary["qk_symmetric_energy_fraction_mean"], 6),
              "adjacent_corr_q": round(result.summary["cross_layer_adjacent_correlation_q"], 6)}
 else:

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
+from layerscope.engines.spectra import single_thread
 from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter, ProjectionRef, oriented, projection_matrix
 
 T = TypeVar("T")
@@ -183,16 +184,6 @@ class WeightEditor:
             self.restore()
 
 
-@contextlib.contextmanager
-def single_threaded_torch() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
 def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
     """``[fn(x) for x in items]`` on ``workers`` threads (default: torch's thread count), in order.
 
@@ -204,7 +195,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
     items = list(items)
     workers = torch.get_num_threads() if workers is None else workers
     if workers <= 1 or len(items) <= 1:
-        with single_threaded_torch():
+        with single_thread():
             return [fn(x) for x in items]
 
     def single(x):
@@ -212,7 +203,7 @@ def parallel_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None =
         torch.set_num_threads(1)
         return fn(x)
 
-    with single_threaded_torch(), ThreadPoolExecutor(max_workers=workers) as pool:
+    with single_thread(), ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(single, items))
 
 

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from layerscope.model.adapter import ModelAdapter
-from layerscope.experiments.weights.weight_spectra import degenerate_matrices, layer_jumps, weight_spectra, write_outputs
+from layerscope.experiments.weights.weight_spectra import (
+    EXPERIMENT, degenerate_matrices, layer_jumps, to_result, weight_spectra,
+)
+from layerscope.jobs.writer import write_result
 from layerscope.engines.weights import weight_inventory
 from tests.helpers.tiny_models import tiny_model
 
@@ -121,18 +124,18 @@ def test_jump_and_degenerate_helpers_against_a_plain_loop():
 
 def test_outputs_are_written(planted, tmp_path):
     _, result = planted
-    out = {k: tmp_path / f"{k}.parquet" for k in ("metrics", "singular_values", "jumps")}
-    out.update(summary=tmp_path / "summary.json", rank_ratio=tmp_path / "rank_ratio.png",
-               spectra=tmp_path / "spectra.svg")
-    write_outputs(result, out)
+    out = {f"table_{k}": tmp_path / f"{k}.parquet" for k in ("metrics", "singular_values", "jumps")}
+    out.update(summary=tmp_path / "summary.json", figure_rank_ratio=tmp_path / "rank_ratio.png",
+               figure_singular_values=tmp_path / "spectra.svg")
+    write_result(EXPERIMENT, to_result(result), out)
     summary = json.loads((tmp_path / "summary.json").read_text())  # standard JSON (no NaN)
     assert summary["definitions"]["entropy_effective_rank"].startswith("exp(H(p))")
     import pandas as pd
 
-    metrics = pd.read_parquet(out["metrics"])
+    metrics = pd.read_parquet(out["table_metrics"])
     assert list(metrics.columns) == ["model", "matrix", "type", "layer", "rows", "cols", "metric", "value"]
     assert len(metrics) == len(result.table) * metrics["metric"].nunique()
-    assert out["rank_ratio"].stat().st_size > 10_000 and out["spectra"].stat().st_size > 10_000
+    assert out["figure_rank_ratio"].stat().st_size > 10_000 and out["figure_singular_values"].stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt_neox"])
@@ -143,3 +146,19 @@ def test_every_family_runs(family):
     assert np.isfinite(result.table["entropy_effective_rank"]).all()
     serial = weight_spectra(adapter, model=family, workers=1)
     assert result.table.equals(serial.table)
+
+
+def test_the_registered_run_reads_a_prepared_model(stories_dir, tmp_path):
+    from tests.helpers import save_tiny_model
+    from layerscope.jobs.writer import run_experiment
+    from layerscope.model.adapter import load_model
+
+    folder = save_tiny_model("llama", tmp_path / "tiny", stories_dir)
+    params = {k: v["default"] for k, v in EXPERIMENT.params.items()} | {"seed": 0}
+    out = {key: tmp_path / path.rsplit("/", 1)[-1] for key, path in EXPERIMENT.outputs("png").items()}
+    result = run_experiment("weight_spectra", {"model": str(folder)}, out, params=params,
+                            wildcards={"model": "tiny"})
+    direct = weight_spectra(load_model(folder, dtype="float32", device="cpu"), model="tiny")
+    assert result.summary == direct.summary
+    written = json.loads(out["summary"].read_text())
+    assert written["provenance"]["experiment"] == "weight_spectra" and written["n_matrices"] == len(direct.table)

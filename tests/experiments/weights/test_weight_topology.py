@@ -12,9 +12,10 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.model.adapter import ModelAdapter
 from layerscope.experiments.weights.weight_topology import (
-    correlation_matrix, mlp_neurons, norm_scales, position_structure, qk_circuit, qk_circuits, weight_topology,
-    write_outputs,
+    EXPERIMENT, correlation_matrix, mlp_neurons, norm_scales, position_structure, qk_circuit, qk_circuits,
+    to_result, weight_topology,
 )
+from layerscope.jobs.writer import write_result
 from layerscope.engines.weights import WeightSource, weight_inventory
 from tests.helpers.tiny_models import tiny_model
 
@@ -154,14 +155,12 @@ def test_topology_on_every_family(family, tmp_path):
         return
     serial = weight_topology(adapter, model=family, workers=1)  # the thread count changes no number
     pd.testing.assert_frame_equal(result.metrics, serial.metrics)
-    names = ["metrics", "sparsity", "qk", "qk_spectra", "neurons", "cross_layer", "norm_scales", "position"]
-    out = {k: tmp_path / f"{k}.parquet" for k in names}
+    out = {f"table_{k}": tmp_path / f"{k}.parquet" for k in EXPERIMENT.tables}
     out.update(summary=tmp_path / "summary.json",
-               **{k: tmp_path / f"{k}.png" for k in ("qk_figure", "cross_layer_figure", "norm_scales_figure",
-                                                     "position_figure")})
-    write_outputs(result, out)
+               **{f"figure_{f.name}": tmp_path / f"{f.name}.png" for f in EXPERIMENT.figures})
+    write_result(EXPERIMENT, to_result(result), out)
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == family
-    metrics = pd.read_parquet(out["metrics"])
+    metrics = pd.read_parquet(out["table_metrics"])
     assert list(metrics.columns) == ["model", "analysis", "matrix", "type", "layer", "index", "metric", "value"]
     assert set(metrics["analysis"]) >= {"sparsity", "qk_circuit", "mlp_neurons", "cross_layer_correlation",
                                         "norm_scale"}
@@ -195,3 +194,19 @@ def test_sparsity_counts_are_independent_of_the_row_blocks():
         row = whole.set_index("matrix").loc[w.name]
         assert row["rms"] == pytest.approx(float(m.pow(2).mean().sqrt()), rel=1e-12)
         assert row["sparsity_rms_lt_1"] == int((m.abs() < float(m.pow(2).mean().sqrt())).sum())
+
+
+def test_the_registered_run_reads_a_prepared_model(stories_dir, tmp_path):
+    from tests.helpers import save_tiny_model
+    from layerscope.jobs.writer import run_experiment
+    from layerscope.model.adapter import load_model
+
+    folder = save_tiny_model("gpt2", tmp_path / "tiny", stories_dir)
+    params = {k: v["default"] for k, v in EXPERIMENT.params.items()} | {"seed": 0}
+    out = {key: tmp_path / path.rsplit("/", 1)[-1] for key, path in EXPERIMENT.outputs("png").items()}
+    result = run_experiment("weight_topology", {"model": str(folder)}, out, params=params,
+                            wildcards={"model": "tiny"})
+    direct = weight_topology(load_model(folder, dtype="float32", device="cpu"), model="tiny")
+    pd.testing.assert_frame_equal(pd.read_parquet(out["table_metrics"]), direct.metrics)
+    assert json.loads(out["summary"].read_text())["provenance"]["experiment"] == "weight_topology"
+    assert result.summary["params"] == direct.summary["params"]

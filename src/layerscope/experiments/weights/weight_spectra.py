@@ -1,4 +1,4 @@
-"""Spectral structure of every weight matrix (DESIGN.md experiment 8; weights only, no prompts).
+"""Spectral structure of every weight matrix (weights only, no prompts).
 
 For each matrix of :func:`layerscope.engines.weights.weight_inventory` (block projections
 ``q k v o gate up down`` per layer, fused ones split, plus embeddings, an untied
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +30,9 @@ import pandas as pd
 import torch
 
 from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
-from layerscope.jobs.io import output_getter, write_json, write_parquet
 from layerscope.engines.spectra import condition_number, entropy_effective_rank, participation_ratio, singular_values, stable_rank
 from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -286,26 +287,76 @@ def plot_singular_values(result: SpectraResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: SpectraResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("singular_values"), result.singular_values)
-    write_parquet(get("jumps"), result.jumps)
-    plot_rank_ratio(result, get("rank_ratio"))
-    plot_singular_values(result, get("spectra"))
-    write_json(get("summary"), result.summary)
-
-
-def run_weight_spectra(model_dir, outputs, *, params: dict, model: str) -> SpectraResult:
-    """The workflow stage: load the weights (no activations), analyse, write every output."""
-    from layerscope.model.adapter import load_model
+def run(job: Job) -> Result:
+    """The spectra of one model's weights (no activations, no prompts; CPU)."""
     from layerscope.engines.weights import return_large_frees_to_the_os
+    from layerscope.model.adapter import load_model
 
+    params = job.params
     return_large_frees_to_the_os()
-    adapter = load_model(model_dir, dtype="float32", device="cpu")
+    adapter = load_model(job.input("model"), dtype="float32", device="cpu")
     result = weight_spectra(
-        adapter, model=model, top_k=params.get("top_k"), degenerate_fraction=params.get("degenerate_fraction", 0.5),
-        n_top_jumps=params.get("n_top_jumps", 5), chunk_rows=params.get("chunk_rows", 8192),
+        adapter, model=job.model, top_k=params["top_k"], degenerate_fraction=params["degenerate_fraction"],
+        n_top_jumps=params["n_top_jumps"], chunk_rows=params["chunk_rows"],
     )
-    write_outputs(result, outputs)
-    return result
+    return to_result(result)
+
+
+def to_result(result: SpectraResult) -> Result:
+    """The registry's result: tables, figures and summary of an analysis."""
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "singular_values": result.singular_values, "jumps": result.jumps},
+        figures={"rank_ratio": partial(plot_rank_ratio, result),
+                 "singular_values": partial(plot_singular_values, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="weight_spectra",
+    family="weights",
+    description="singular-value spectra of every weight matrix",
+    description_long="Singular values and rank measures of every weight matrix (weights only, no prompts), "
+                     "jumps between layers, degenerate matrices.",
+    needs="any",
+    data="weights",
+    gpu=False,
+    inputs=("model",),
+    run=run,
+    tables=("metrics", "singular_values", "jumps"),
+    figures=(Figure("rank_ratio", "effective rank ratio by layer"),
+             Figure("singular_values", "singular value spectra")),
+    params={
+        "top_k": {
+            "description": "Leading singular values kept per matrix in singular_values.parquet; null keeps all "
+                           "(the metrics always use all).",
+            "type": ["integer", "null"],
+            "minimum": 1,
+            "default": None,
+        },
+        "degenerate_fraction": {
+            "description": "A block matrix is degenerate when its entropy effective-rank ratio is below this "
+                           "fraction of its type's median ratio.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "maximum": 1,
+            "default": 0.5,
+        },
+        "n_top_jumps": {
+            "description": "Largest relative changes of effective rank between consecutive layers named in the "
+                           "summary.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 5,
+        },
+        "chunk_rows": {
+            "description": "Row block of the streamed float64 QR for tall matrices such as the embedding "
+                           "(memory, not results).",
+            "type": "integer",
+            "minimum": 64,
+            "default": 8192,
+        },
+    },
+    threads=2,
+    runtime=60,
+)

@@ -1,4 +1,4 @@
-"""Weight topology (DESIGN.md experiment 9; weights only, decoders and encoders alike).
+"""Weight topology (weights only, decoders and encoders alike).
 
 * **sparsity** — per matrix, per type and over the whole model: the fraction of entries
   with |w| below absolute thresholds (``sparsity_abs_lt_{t}``) and below t × the matrix's
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,9 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
-from layerscope.jobs.io import output_getter, write_json, write_parquet
 from layerscope.engines.spectra import entropy_effective_rank, singular_values, stable_rank
 from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
+from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
@@ -665,35 +666,90 @@ def plot_position(result: TopologyResult, path: str | Path) -> None:
         save(fig, path)
 
 
-def write_outputs(result: TopologyResult, outputs) -> None:
-    get = output_getter(outputs)
-    write_parquet(get("metrics"), result.metrics)
-    write_parquet(get("sparsity"), result.sparsity)
-    write_parquet(get("qk"), result.qk)
-    write_parquet(get("qk_spectra"), result.qk_spectra)
-    write_parquet(get("neurons"), result.neurons)
-    write_parquet(get("cross_layer"), result.cross_layer)
-    write_parquet(get("norm_scales"), result.norm_scales)
-    write_parquet(get("position"), result.position)
-    plot_qk(result, get("qk_figure"))
-    plot_cross_layer(result, get("cross_layer_figure"))
-    plot_norm_scales(result, get("norm_scales_figure"))
-    plot_position(result, get("position_figure"))
-    write_json(get("summary"), result.summary)
-
-
-def run_weight_topology(model_dir, outputs, *, params: dict, model: str) -> TopologyResult:
-    """The workflow stage: load the weights (no activations), analyse, write every output."""
-    from layerscope.model.adapter import load_model
+def run(job: Job) -> Result:
+    """The topology of one model's weights (no activations, no prompts; CPU)."""
     from layerscope.engines.weights import return_large_frees_to_the_os
+    from layerscope.model.adapter import load_model
 
+    params = job.params
     return_large_frees_to_the_os()
-    adapter = load_model(model_dir, dtype="float32", device="cpu")
+    adapter = load_model(job.input("model"), dtype="float32", device="cpu")
     result = weight_topology(
-        adapter, model=model, abs_thresholds=tuple(params.get("abs_thresholds", (1e-4, 1e-3, 1e-2, 1e-1))),
-        rms_thresholds=tuple(params.get("rms_thresholds", (0.01, 0.1))), dead_ratio=params.get("dead_ratio", 0.01),
-        degenerate_ratio=params.get("degenerate_ratio", 0.1),
-        chunk_elements=params.get("chunk_elements", 1 << 20),
+        adapter, model=job.model, abs_thresholds=tuple(params["abs_thresholds"]),
+        rms_thresholds=tuple(params["rms_thresholds"]), dead_ratio=params["dead_ratio"],
+        degenerate_ratio=params["degenerate_ratio"], chunk_elements=params["chunk_elements"],
     )
-    write_outputs(result, outputs)
-    return result
+    return to_result(result)
+
+
+def to_result(result: TopologyResult) -> Result:
+    """The registry's result: tables, figures and summary of an analysis."""
+    return Result(
+        summary=result.summary,
+        tables={"metrics": result.metrics, "sparsity": result.sparsity, "qk_circuits": result.qk,
+                "qk_spectra": result.qk_spectra, "mlp_neurons": result.neurons, "cross_layer": result.cross_layer,
+                "norm_scales": result.norm_scales, "position": result.position},
+        figures={"qk_circuits": partial(plot_qk, result), "cross_layer": partial(plot_cross_layer, result),
+                 "norm_scales": partial(plot_norm_scales, result), "position": partial(plot_position, result)},
+    )
+
+
+EXPERIMENT = Experiment(
+    name="weight_topology",
+    family="weights",
+    description="sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions",
+    description_long="Sparsity, per-head QK circuits, dead/degenerate MLP neurons, cross-layer weight "
+                     "correlation, norm scales and learned position structure (weights only).",
+    needs="any",
+    data="weights",
+    gpu=False,
+    inputs=("model",),
+    run=run,
+    tables=("metrics", "sparsity", "qk_circuits", "qk_spectra", "mlp_neurons", "cross_layer", "norm_scales",
+            "position"),
+    figures=(Figure("qk_circuits", "QK circuit spectra and symmetry"),
+             Figure("cross_layer", "cross-layer correlation"),
+             Figure("norm_scales", "norm scales across depth"),
+             Figure("position", "position embeddings")),
+    params={
+        "abs_thresholds": {
+            "description": "Sparsity = fraction of entries with |w| below each absolute threshold.",
+            "type": "array",
+            "items": {"type": "number", "exclusiveMinimum": 0},
+            "minItems": 1,
+            "uniqueItems": True,
+            "default": [0.0001, 0.001, 0.01, 0.1],
+        },
+        "rms_thresholds": {
+            "description": "Scale-free sparsity: fraction of entries with |w| below each threshold times the "
+                           "matrix's RMS entry.",
+            "type": "array",
+            "items": {"type": "number", "exclusiveMinimum": 0},
+            "uniqueItems": True,
+            "default": [0.01, 0.1],
+        },
+        "dead_ratio": {
+            "description": "An MLP neuron is dead when its smallest input/output norm is below this fraction of "
+                           "the layer's median norm.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.01,
+        },
+        "degenerate_ratio": {
+            "description": "An MLP neuron is degenerate (not dead) when that ratio is below this fraction; must "
+                           "be >= dead_ratio.",
+            "type": "number",
+            "exclusiveMinimum": 0,
+            "default": 0.1,
+        },
+        "chunk_elements": {
+            "description": "Weights converted to float64 at once by the sparsity count and the cross-layer "
+                           "correlation (memory, not results).",
+            "type": "integer",
+            "minimum": 1024,
+            "default": 1048576,
+        },
+    },
+    threads=2,
+    runtime=60,
+)
