@@ -46,10 +46,6 @@ def prepare_params(wildcards):
     return lsconfig.prepare_params(config, wildcards.model)
 
 
-def model_dtype(wildcards):
-    return lsconfig.model_spec(config, wildcards.model)["dtype"]
-
-
 def generation_params(wildcards):
     return lsconfig.generation_params(config, wildcards.model, wildcards.pset)
 
@@ -76,22 +72,6 @@ def experiment_params(name):
     return params
 
 
-def cka_inputs(wildcards):
-    """The activation caches of both models of a pair on one prompt set."""
-    return {
-        f"{part}_{side}": pattern.format(model=getattr(wildcards, f"model_{side}"), pset=wildcards.pset)
-        for side in ("a", "b")
-        for part, pattern in (("resid", paths.RESID), ("tokens", paths.TOKENS))
-    }
-
-
-def procrustes_inputs(wildcards):
-    return {
-        "model_a": paths.MODEL_DIR.format(model=wildcards.model_a),
-        "model_b": paths.MODEL_DIR.format(model=wildcards.model_b),
-    }
-
-
 def model_report_inputs(wildcards):
     return {
         "model": paths.MODEL_DIR.format(model=wildcards.model),
@@ -109,15 +89,6 @@ def model_report_pages(wildcards):
 
 def reported_models(wildcards):
     return lsconfig.reported_models(config)
-
-
-def experiment_input(name, key):
-    """A file an experiment reads, named by one of its parameters (so editing the file re-runs it)."""
-
-    def path(wildcards):
-        return config["experiments"][name][key]
-
-    return path
 
 
 def rendering_params(wildcards):

@@ -8,8 +8,6 @@ Everything the rules need from the config is computed here, so it can be unit-te
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,77 +22,6 @@ SCHEMA_FILE = "resources/config.schema.json"
 
 class ConfigError(LayerscopeError):
     """The configuration is invalid; the message lists every problem found."""
-
-
-@dataclass(frozen=True)
-class ExperimentInfo:
-    name: str
-    needs: str  # "decoder" or "any": which model kinds it supports
-    # "prompts": per (model, prompt set); "weights": per model, from its weights; "inputs": per model,
-    # from inputs the experiment ships itself (e.g. contrastive groups); "pairs": per pair of models
-    # (results/cross_model/). Only "prompts" has a {pset} in its own path.
-    data: str
-    gpu: bool  # whether its rule runs model forwards (resources: gpu=1)
-    description: str
-    # experiments whose results it reads: it runs only where every one of them runs
-    requires: tuple[str, ...] = ()
-    section: str = ""  # report section grouping a family of experiments ("" = its own name)
-    paired: bool = False  # reads zh/en paired prompt sets only (checked at start-up)
-
-    @property
-    def per_model(self) -> bool:
-        """Whether runs are per model only (results/{model}/{experiment}/), without a prompt set."""
-        return self.data in ("weights", "inputs")
-
-    @property
-    def report_section(self) -> str:
-        return self.section or self.name
-
-    @property
-    def key(self) -> str:
-        return self.name
-
-    @property
-    def pairwise(self) -> bool:
-        return False
-
-
-EXPERIMENTS: dict[str, ExperimentInfo] = {
-    info.name: info
-    for info in [
-        ExperimentInfo("linearization", "any", "prompts", True, "how nonlinear each block and sub-layer is"),
-        ExperimentInfo("quantization", "decoder", "prompts", True, "how much precision each layer needs"),
-        ExperimentInfo("sensitivity_vs_linearity", "decoder", "prompts", False,
-                       "rank correlation of quantization sensitivity with the linearization gap",
-                       requires=("linearization", "quantization")),
-        ExperimentInfo("residual_geometry", "any", "prompts", False,
-                       "norms, dimensionality, isotropy, clustering and massive activations of the residual stream"),
-        ExperimentInfo("delta_svd", "decoder", "prompts", False, "the SVD of each block's residual update"),
-        ExperimentInfo("embedding_geometry", "any", "weights", False, "geometry of the (un)embedding matrix"),
-        ExperimentInfo("contrastive", "decoder", "inputs", True,
-                       "trajectories of force-decoded synonym/antonym/style/unrelated completions"),
-        ExperimentInfo("weight_spectra", "any", "weights", False, "singular-value spectra of every weight matrix"),
-        ExperimentInfo("weight_topology", "any", "weights", False,
-                       "sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions"),
-        ExperimentInfo("knockout", "decoder", "prompts", True,
-                       "loss with each block skipped, pairwise synergy, causal tracing"),
-        ExperimentInfo("swap", "decoder", "prompts", True, "loss with every pair of blocks swapped; zones"),
-        ExperimentInfo("shuffle", "decoder", "prompts", True, "recovering the order of shuffled blocks"),
-        # the z_subspace suite: one weights-only mask, five analyses of paired prompts
-        ExperimentInfo("z_mask", "decoder", "weights", False, "QK-circuit subspace Z per layer and k",
-                       section="z_subspace"),
-        ExperimentInfo("z_separation", "decoder", "prompts", False, "zh/en separation and energy in Z, Z⊥, random",
-                       section="z_subspace", paired=True),
-        ExperimentInfo("update_decomposition", "decoder", "prompts", False, "block updates split into Z and Z⊥",
-                       section="z_subspace", paired=True),
-        ExperimentInfo("z_patching", "decoder", "prompts", True, "en←zh subspace patching during generation",
-                       section="z_subspace", paired=True),
-        ExperimentInfo("ard_mmd", "decoder", "prompts", True, "ARD-RBF MMD lengthscales of zh vs en token clouds",
-                       section="z_subspace", paired=True),
-        ExperimentInfo("bridge", "decoder", "prompts", False, "linear map from en to zh coordinates in Z",
-                       section="z_subspace", paired=True),
-    ]
-}
 
 
 # ---------------------------------------------------------------------------- validation
@@ -162,8 +89,7 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
     for slug in models:
         if slug in paths.RESERVED_MODEL_SLUGS:
             problems.append(f"config.models.{slug}: {slug!r} is reserved (a folder of results/); rename the model")
-    weights_only = [info.folder or info.name if hasattr(info, "folder") else info.name
-                    for info in experiment_infos().values() if info.per_model]
+    weights_only = [info.folder or info.name for info in experiment_infos().values() if info.per_model]
     for slug in psets:
         if slug in weights_only:
             problems.append(f"config.prompt_sets.{slug}: {slug!r} is the name of a weights-only experiment "
@@ -209,18 +135,15 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
 
 
 def experiment_infos() -> dict:
-    """Every experiment (rule) by name: the registry's, then legacy declarations not yet registered."""
+    """Every experiment (rule) by name, from the registry."""
     from layerscope.experiments.registry import experiments
 
-    registered = experiments()
-    keys = {exp.key for exp in registered.values()}
-    legacy = {name: info for name, info in EXPERIMENTS.items() if name not in keys}
-    return {**registered, **legacy}
+    return experiments()
 
 
 def _rules_of(key: str) -> list:
     """Experiments (rules) that read config block ``key``."""
-    return [info for info in experiment_infos().values() if getattr(info, "key", info.name) == key]
+    return [info for info in experiment_infos().values() if info.key == key]
 
 
 def info_of(key: str):
@@ -239,27 +162,27 @@ def enabled_experiments(config: dict) -> list[str]:
 def enabled_rules(config: dict) -> list[str]:
     """Names of the experiment rules that run (a config block may have several, e.g. cross_model)."""
     enabled = set(enabled_experiments(config))
-    return [name for name, info in experiment_infos().items() if getattr(info, "key", name) in enabled]
+    return [name for name, info in experiment_infos().items() if info.key in enabled]
 
 
 def experiment_models(config: dict, name: str) -> list[str]:
     """Models an experiment runs on: those listed (or all), restricted to the kinds it supports."""
     info = experiment_infos().get(name) or info_of(name)
-    exp = config["experiments"].get(getattr(info, "key", name), {})
+    exp = config["experiments"].get(info.key, {})
     chosen = exp.get("models") or list(config["models"])
     return [m for m in chosen if info.needs == "any" or config["models"][m]["kind"] == info.needs]
 
 
 def experiment_prompt_sets(config: dict, name: str) -> list[str]:
     info = experiment_infos().get(name)
-    exp = config["experiments"].get(getattr(info, "key", name), {})
+    exp = config["experiments"].get(info.key, {})
     return exp.get("prompt_sets") or list(config["prompt_sets"])
 
 
 def experiment_runs(config: dict, name: str) -> list[dict[str, str]]:
     """Wildcard values of every run of an experiment rule: [{'model':…, 'pset':…}] (no pset if per model)."""
     info = experiment_infos()[name]
-    if getattr(info, "key", name) not in enabled_experiments(config):
+    if info.key not in enabled_experiments(config):
         return []
     models = experiment_models(config, name)
     if info.pairwise:
@@ -293,11 +216,7 @@ def pair_runs(config: dict, name: str) -> list[dict[str, str]]:
 
 
 def summary_path(name: str, run: dict[str, str]) -> str:
-    info = experiment_infos()[name]
-    if hasattr(info, "output_file"):
-        return info.output_file(paths.SUMMARY).format(**run)
-    pattern = paths.experiment_file(name, paths.SUMMARY, weights_only=info.per_model)
-    return pattern.format(**run)
+    return experiment_infos()[name].output_file(paths.SUMMARY).format(**run)
 
 
 def model_summaries(config: dict, model: str) -> list[str]:

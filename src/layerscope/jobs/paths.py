@@ -26,8 +26,6 @@ METRICS = "metrics.parquet"
 SUMMARY = "summary.json"
 
 CROSS_MODEL_DIR = RESULTS + "/cross_model/{experiment}"
-# the cross_model experiment's analyses of a model pair: CKA per prompt set, Procrustes per pair
-CROSS_MODEL_ANALYSES = {"cka": "prompts", "procrustes": "weights"}
 # names a model slug may not take (they are folders of results/ itself)
 RESERVED_MODEL_SLUGS = ("cross_model", "report", "logs", "benchmarks")
 REPORT_DIR = RESULTS + "/report"
@@ -39,20 +37,6 @@ REPORT_INDEX = REPORT_DIR + "/index.html"
 
 LOGS = RESULTS + "/logs"
 BENCHMARKS = RESULTS + "/benchmarks"
-
-
-def experiment_file(experiment: str, name: str, *, weights_only: bool = False) -> str:
-    """Pattern of one output file of an experiment (wildcards {model} and, unless weights-only, {pset})."""
-    base = WEIGHTS_EXPERIMENT_DIR if weights_only else EXPERIMENT_DIR
-    return base.replace("{experiment}", experiment) + "/" + name
-
-
-def cross_model_file(analysis: str, name: str) -> str:
-    """Pattern of one output of a pairwise analysis (wildcards {model_a}, {model_b}, and {pset} for CKA)."""
-    base = CROSS_MODEL_DIR.replace("{experiment}", analysis)
-    if CROSS_MODEL_ANALYSES[analysis] == "prompts":
-        base += "/{pset}"
-    return base + "/{model_a}/{model_b}/" + name
 
 
 def log(rule: str, *wildcards: str) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 from layerscope import LayerscopeError, __version__
 from layerscope.experiments.registry import Experiment, Job, Result, get
-from layerscope.jobs.io import atomic_path, output_getter, read_json, sha256_json, write_json, write_parquet
+from layerscope.jobs.io import output_getter, read_json, sha256_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
