@@ -155,7 +155,7 @@ def test_surgery_config_blocks_fill_defaults_and_reject_bad_values():
     assert lsconfig.experiment_params(cfg, "swap")["n_zones"] == 3
     knock = lsconfig.experiment_params(cfg, "knockout")
     assert knock["max_prompts"] == 4 and knock["trace_noise"] == 3.0 and knock["seed"] == 0
-    assert {i.name for i in lsconfig.EXPERIMENTS.values() if i.gpu} >= {"knockout", "swap", "shuffle"}
+    assert {i.name for i in lsconfig.experiment_infos().values() if i.gpu} >= {"knockout", "swap", "shuffle"}
     for bad, where in [({"shuffle": {"methods": ["sorting_hat"]}}, "config.experiments.shuffle.methods"),
                        ({"swap": {"n_zones": 0}}, "config.experiments.swap.n_zones"),
                        ({"knockout": {"max_prompts": 0}}, "config.experiments.knockout.max_prompts"),
