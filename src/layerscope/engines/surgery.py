@@ -34,11 +34,10 @@ own forward with its layer list replaced (:func:`naive_losses`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -169,33 +168,12 @@ class PrefixMemo:
             self._recent.popitem(last=False)
 
 
-def sliding_window_in_use(config, max_length: int) -> bool:
-    """Whether some layer attends through a sliding window shorter than ``max_length``."""
-    window = getattr(config, "sliding_window", None)
-    if not window or window >= max_length:
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return any(t != "full_attention" for t in layer_types)
-    return getattr(config, "use_sliding_window", True) is not False
-
-
-def packing_problem(adapter: ModelAdapter, max_length: int) -> str | None:
-    """Why prompts of this model cannot be packed into one row (None if they can)."""
-    impl = getattr(adapter.config, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager"):
-        return f"attention implementation {impl!r} takes no prepared 4-D mask"
-    if sliding_window_in_use(adapter.config, max_length):
-        return f"sliding-window attention (window {adapter.config.sliding_window} < {max_length} tokens)"
-    return None
-
-
 def tree_mask(adapter: ModelAdapter, positions: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
     """The [1, 1, T, T] causal mask of a packed row: token q sees token k when k's original position is
     not later than q's and k is in the shared prefix (segment 0) or in q's own segment. Boolean
     (True = attend) for sdpa, additive float for eager attention."""
     allowed = (positions[None, :] <= positions[:, None]) & ((segments[None, :] == 0) | (segments[None, :] == segments[:, None]))
-    if adapter.config._attn_implementation == "eager":
+    if adapter.attention_implementation == "eager":
         mask = torch.zeros(allowed.shape, dtype=adapter.dtype)
         mask.masked_fill_(~allowed, torch.finfo(adapter.dtype).min)
     else:
@@ -271,7 +249,7 @@ class LossEvaluator:
                 targets["target_id"].astype(int).tolist(), target_rank[targets["row"].to_numpy()].tolist(),
             ))
         max_length = max(len(p.ids) for p in self.prompts)
-        problem = packing_problem(adapter, max_length)
+        problem = adapter.packing_problem(max_length)
         if layout == "packed" and problem:
             raise LayerscopeError(f"cannot pack prompts for {adapter.facts.model_type}: {problem}")
         self.layout = "padded" if layout == "padded" or problem else "packed"
@@ -445,32 +423,6 @@ class LossEvaluator:
 # ---------------------------------------------------------------------------- the naive reference
 
 
-@contextlib.contextmanager
-def replaced_layers(adapter: ModelAdapter, sequence: Sequence[int]) -> Iterator[None]:
-    """The Hugging Face model with its block list replaced by ``sequence`` (restored on exit).
-
-    Per-layer config entries (``layer_types``) follow their blocks; run it without a KV cache.
-    """
-    container = adapter.base.get_submodule(adapter.family.blocks.rpartition(".")[0]) \
-        if "." in adapter.family.blocks else adapter.base
-    name = adapter.family.blocks.rpartition(".")[2]
-    original = getattr(container, name)
-    config = adapter.config
-    n_layers = config.num_hidden_layers
-    saved_types = list(config.layer_types) if getattr(config, "layer_types", None) else None
-    setattr(container, name, torch.nn.ModuleList([original[i] for i in sequence]))
-    config.num_hidden_layers = len(sequence)
-    if saved_types is not None:
-        config.layer_types = [saved_types[i] for i in sequence]
-    try:
-        yield
-    finally:
-        setattr(container, name, original)
-        config.num_hidden_layers = n_layers
-        if saved_types is not None:
-            config.layer_types = saved_types
-
-
 @torch.no_grad()
 def naive_losses(evaluator: LossEvaluator, sequences: Iterable[Sequence[int]], *,
                  batch_size: int | None = None) -> list[float]:
@@ -487,7 +439,7 @@ def naive_losses(evaluator: LossEvaluator, sequences: Iterable[Sequence[int]], *
     out = []
     for sequence in sequences:
         nll = np.zeros(evaluator.n_targets)
-        with replaced_layers(adapter, list(sequence)):
+        with adapter.replaced_blocks(list(sequence)):
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start : start + batch_size]
                 width = max(len(p.full_ids) for p in chunk)

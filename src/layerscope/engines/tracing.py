@@ -114,11 +114,11 @@ def restored_probabilities(adapter: ModelAdapter, cache: ActivationCache, prompt
 
     ``noise`` is [samples, T, d]: what is added to resid.0. The tokens before the first noised
     one are identical in every run; with ``layout`` ``auto`` (where the architecture allows
-    packing, see :func:`layerscope.engines.surgery.packing_problem`) they are computed once and every
+    packing, see :meth:`ModelAdapter.packing_problem`) they are computed once and every
     (sample, restoration) run follows them in one packed row under a tree-shaped mask;
     ``padded`` runs each as a full row of a batch.
     """
-    from layerscope.engines.surgery import capture_packed, packing_problem, tree_mask
+    from layerscope.engines.surgery import capture_packed, tree_mask
 
     device = torch.device(device)
     dtype = adapter.dtype
@@ -137,7 +137,7 @@ def restored_probabilities(adapter: ModelAdapter, cache: ActivationCache, prompt
     shared = min(int(noised[0]) if len(noised) else T - 1, T - 1)  # untouched leading tokens
     out = np.zeros((n_layers + 1, n_sets))
 
-    if layout != "padded" and packing_problem(adapter, T) is None:
+    if layout != "padded" and adapter.packing_problem(T) is None:
         width = T - shared
 
         def packed(n_segments: int):

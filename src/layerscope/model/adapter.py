@@ -21,11 +21,12 @@ blocks directly, so knockout/swap/shuffle never depend on the model's own layer 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -531,6 +532,58 @@ class ModelAdapter:
         needs it; PyTorch's CPU flash kernel has no jvp). Capture block inputs afterwards."""
         if getattr(self.model.config, "_attn_implementation", None) != implementation:
             self.model.set_attn_implementation(implementation)
+
+    # ------------------------------------------------------------------ architecture-specific execution
+
+    @property
+    def attention_implementation(self) -> str | None:
+        return getattr(self.config, "_attn_implementation", None)
+
+    def sliding_window_in_use(self, max_length: int) -> bool:
+        """Whether some layer attends through a sliding window shorter than ``max_length``."""
+        config = self.config
+        window = getattr(config, "sliding_window", None)
+        if not window or window >= max_length:
+            return False
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            return any(t != "full_attention" for t in layer_types)
+        return getattr(config, "use_sliding_window", True) is not False
+
+    def packing_problem(self, max_length: int) -> str | None:
+        """Why several prompts cannot share one row under a prepared 4-D (tree) mask (None if they can)."""
+        impl = self.attention_implementation
+        if impl not in ("sdpa", "eager"):
+            return f"attention implementation {impl!r} takes no prepared 4-D mask"
+        if self.sliding_window_in_use(max_length):
+            return f"sliding-window attention (window {self.config.sliding_window} < {max_length} tokens)"
+        return None
+
+    @contextlib.contextmanager
+    def replaced_blocks(self, sequence: Sequence[int]) -> Iterator[None]:
+        """The Hugging Face model with its block list replaced by ``sequence`` (restored on exit).
+
+        Per-layer config entries (``layer_types``) follow their blocks; run it without a KV cache
+        (attention layers keep their original ``layer_idx``).
+        """
+        path = self.family.blocks
+        container = self.base.get_submodule(path.rpartition(".")[0]) if "." in path else self.base
+        name = path.rpartition(".")[2]
+        original = getattr(container, name)
+        config = self.config
+        n_layers = config.num_hidden_layers
+        saved_types = list(config.layer_types) if getattr(config, "layer_types", None) else None
+        setattr(container, name, torch.nn.ModuleList([original[i] for i in sequence]))
+        config.num_hidden_layers = len(sequence)
+        if saved_types is not None:
+            config.layer_types = [saved_types[i] for i in sequence]
+        try:
+            yield
+        finally:
+            setattr(container, name, original)
+            config.num_hidden_layers = n_layers
+            if saved_types is not None:
+                config.layer_types = saved_types
 
     # ------------------------------------------------------------------ read-out
 
