@@ -118,9 +118,9 @@ def wait_until(condition, timeout: float, what: str, poll: float = 0.05, proc: B
 
 _STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 _PID = re.compile(_STAMP + r" INFO layerscope: layerscope \S+, rule (\S+), .* pid (\d+) on (\S+)")
-_LEASED = re.compile(_STAMP + r" INFO layerscope\.devices: leased GPU (\S+) \(simulated\) after ([\d.]+)s")
-_RELEASED = re.compile(_STAMP + r" INFO layerscope\.devices: released GPU (\S+) \(simulated\)")
-_WAITING = re.compile(_STAMP + r" INFO layerscope\.devices: all \d+ GPU\(s\) are leased by other jobs; waiting")
+_LEASED = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: leased GPU (\S+) \(simulated\) after ([\d.]+)s")
+_RELEASED = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: released GPU (\S+) \(simulated\)")
+_WAITING = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: all \d+ GPU\(s\) are leased by other jobs; waiting")
 
 
 def stamp(text: str) -> float:
