@@ -158,7 +158,7 @@ def model_report(model: str, summary_paths: list[str | Path], manifest_path: str
     from layerscope.jobs.config import experiment_infos
 
     EXPERIMENTS = experiment_infos()
-    # experiments of one family (ExperimentInfo.section, e.g. z_subspace) share one section
+    # experiments of one family (Experiment.section, e.g. z_subspace) share one section
     sections: dict[str, list[tuple[str, Path]]] = {}
     for path in map(Path, summary_paths):
         experiment = parse_summary_path(path)["experiment"]
