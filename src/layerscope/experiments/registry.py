@@ -197,8 +197,6 @@ class Result:
     tables: dict[str, Any] = field(default_factory=dict)  # name -> pandas DataFrame
     figures: dict[str, Callable[[Path], None]] = field(default_factory=dict)
     files: dict[str, Callable[[Path], None]] = field(default_factory=dict)
-    # where provenance.inputs should point for the cache it read (defaults to the job's inputs)
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- discovery
