@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from layerscope import LayerscopeError
+
 from layerscope.model.adapter import load_model, load_tokenizer
 from layerscope.engines.surgery import LossEvaluator, cached_prefix, skip, swap
 from tests.helpers.tiny_models import tiny_configs
@@ -72,12 +74,55 @@ def test_bad_block_index(stories, tmp_path):
         LossEvaluator(adapter, cache).loss([0, 7])
 
 
-def test_max_prompts_restricts_the_evaluation(stories, tmp_path):
+def test_prompt_ids_restrict_the_evaluation(stories, tmp_path):
     adapter, tok = stories
     cache, seqs = token_cache(adapter, tok, tmp_path)
-    ev = LossEvaluator(adapter, cache, max_prompts=2)
-    assert ev.n_targets == sum(r == "completion" for s in seqs[:2] for r in s.roles)
-    assert ev.baseline() == pytest.approx(reference_loss(adapter, seqs[:2], list(range(5))), rel=1e-6)
+    chosen = [seqs[1], seqs[3]]
+    ev = LossEvaluator(adapter, cache, prompt_ids=[s.prompt_id for s in chosen])
+    assert ev.n_targets == sum(r == "completion" for s in chosen for r in s.roles)
+    assert ev.baseline() == pytest.approx(reference_loss(adapter, chosen, list(range(5))), rel=1e-5)
+    with pytest.raises(LayerscopeError, match="no such prompts"):
+        LossEvaluator(adapter, cache, prompt_ids=["not-a-prompt"])
+
+
+def test_per_prompt_sums_pool_to_the_reported_loss(stories, tmp_path):
+    adapter, tok = stories
+    cache, seqs = token_cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache, batch_size=2)
+    per_token = ev.losses([skip(5, 2)], per_token=True)[0]
+    ids, sums, counts = ev.per_prompt(per_token)
+    assert sorted(ids) == sorted(s.prompt_id for s in seqs)
+    assert sums.sum() / counts.sum() == pytest.approx(ev.loss(skip(5, 2)), rel=1e-12)
+    # each prompt's mean is that prompt's own loss, computed alone
+    for pid, total, n in zip(ids, sums, counts):
+        alone = LossEvaluator(adapter, cache, prompt_ids=[pid]).loss(skip(5, 2))
+        assert total / n == pytest.approx(alone, rel=1e-5, abs=1e-6)
+
+
+def test_max_target_tokens_keeps_the_first_completion_tokens(stories, tmp_path):
+    adapter, tok = stories
+    cache, seqs = token_cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache, max_target_tokens=2)
+    assert ev.n_targets == sum(min(2, sum(r == "completion" for r in s.roles)) for s in seqs)
+    full = LossEvaluator(adapter, cache).losses([list(range(5))], per_token=True)[0]
+    tokens = cache.tokens
+    targets = tokens[tokens["is_target"]].copy()
+    targets["nll"] = full
+    first_two = targets.groupby("prompt_id", sort=False).head(2)["nll"].mean()
+    assert ev.baseline() == pytest.approx(first_two, rel=1e-5)
+
+
+def test_a_cache_in_another_dtype_is_not_used_as_a_starting_point(stories, tmp_path):
+    adapter, tok = stories
+    cache, seqs = token_cache(adapter, tok, tmp_path)
+    ev = LossEvaluator(adapter, cache)
+    assert ev.cache_matches
+    cache.metadata["storage_dtype"] = "bfloat16"
+    ev16 = LossEvaluator(adapter, cache)
+    assert not ev16.cache_matches
+    before = ev16.blocks_run
+    assert ev16.baseline() == pytest.approx(ev.baseline(use_cache=False), rel=1e-6)
+    assert ev16.blocks_run - before == 5 * len(ev16.groups)  # every block re-run from the embeddings
 
 
 # ---------------------------------------------------------------------------- layouts, prefix sharing, memo

@@ -44,6 +44,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
+from layerscope.engines.sampling import sample_cache_prompts
 from layerscope.model.adapter import BlockInputs, ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -199,11 +200,18 @@ class LossEvaluator:
     """Mean completion-token loss of the model under any block sequence (see module docstring)."""
 
     def __init__(self, adapter: ModelAdapter, cache: ActivationCache, *, batch_size: int = 8,
-                 device: torch.device | str | None = None, max_prompts: int | None = None,
-                 layout: str = "auto"):
-        """``max_prompts`` evaluates only the cache's first N prompts (sweeps on a budget);
+                 device: torch.device | str | None = None, prompt_ids: Sequence[str] | None = None,
+                 max_target_tokens: int | None = None, layout: str = "auto"):
+        """``prompt_ids`` evaluates only these prompts of the cache (a sample drawn with
+        :func:`layerscope.engines.sampling.sample_cache_prompts`; None: all of them);
+        ``max_target_tokens`` keeps the first K completion tokens of each prompt (None: all);
         ``batch_size`` prompts form one group (one packed row, or one padded batch);
-        ``layout`` is ``auto`` (packed where the architecture allows it), ``packed`` or ``padded``."""
+        ``layout`` is ``auto`` (packed where the architecture allows it), ``packed`` or ``padded``.
+
+        Sweeps start from cached residual states only when the cache holds them in the dtype
+        the blocks run in: a bfloat16 cache (the GPU default) under float32 variants would mix
+        two numerical paths into every difference, so then every sequence is computed from
+        the embeddings (prefixes are still shared within a sweep)."""
         if adapter.unembed is None:
             raise LayerscopeError("layer surgery needs a decoder (its loss is next-token prediction)")
         if cache.n_layers != adapter.n_layers or cache.d_model != adapter.facts.d_model:
@@ -213,8 +221,8 @@ class LossEvaluator:
             )
         if layout not in LAYOUTS:
             raise LayerscopeError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
-        if batch_size < 1 or (max_prompts is not None and max_prompts < 1):
-            raise LayerscopeError(f"batch_size ({batch_size}) and max_prompts ({max_prompts}) must be ≥ 1")
+        if batch_size < 1 or (max_target_tokens is not None and max_target_tokens < 1):
+            raise LayerscopeError(f"batch_size ({batch_size}) and max_target_tokens ({max_target_tokens}) must be ≥ 1")
         self.adapter = adapter
         self.cache = cache
         self.device = torch.device(device) if device is not None else adapter.device
@@ -223,9 +231,22 @@ class LossEvaluator:
         self.blocks_run = 0  # block calls (one group each), for benchmarks
         self.n_evaluated = 0  # sequences evaluated
         tokens = cache.tokens
-        if max_prompts is not None:
-            keep = list(dict.fromkeys(tokens["prompt_id"]))[: int(max_prompts)]
-            tokens = tokens[tokens["prompt_id"].isin(keep)]
+        if prompt_ids is not None:
+            wanted = [str(i) for i in prompt_ids]
+            unknown = sorted(set(wanted) - set(tokens["prompt_id"].astype(str)))
+            if unknown or not wanted:
+                raise LayerscopeError(f"{cache.directory}: no such prompts in the cache: {unknown or 'none asked'}")
+            tokens = tokens[tokens["prompt_id"].astype(str).isin(wanted)]
+        if max_target_tokens is not None:
+            nth = tokens[tokens["is_target"]].groupby("prompt_id", sort=False)["position"].rank(method="first")
+            late = nth.index[nth > int(max_target_tokens)]
+            tokens = tokens.copy()
+            tokens.loc[late, "is_target"] = False
+        compute_dtype = next(adapter.model.parameters()).dtype
+        stored = str(cache.metadata.get("storage_dtype", "float32"))
+        self.cache_matches = stored == str(compute_dtype).removeprefix("torch.")
+        if not self.cache_matches:
+            log.info("cache stored in %s, blocks run in %s: sweeps start from the embeddings", stored, compute_dtype)
         if not tokens["is_target"].any():
             raise LayerscopeError(f"{cache.directory}: no completion tokens to evaluate a loss on")
         target_rank = np.full(cache.n_tokens, -1)
@@ -268,6 +289,18 @@ class LossEvaluator:
     def provenance(self) -> dict:
         """What the losses are computed on, for a summary: prompts, completion tokens, layout."""
         return {"n_prompts": len(self.prompts), "n_tokens": int(self.n_targets), "layout": self.layout}
+
+    def per_prompt(self, per_token: np.ndarray) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """Per-prompt sums and token counts of a per-token array (the ``per_token=True`` output).
+
+        Returns (prompt ids, sums, counts) in the evaluator's prompt order; the token-weighted
+        mean over prompts, Σ sums / Σ counts, is the pooled loss :meth:`losses` reports.
+        """
+        per_token = np.asarray(per_token, dtype=float)
+        ids = [p.prompt_id for p in self.prompts]
+        sums = np.array([per_token[p.target_order].sum() for p in self.prompts])
+        counts = np.array([len(p.target_order) for p in self.prompts], dtype=float)
+        return ids, sums, counts
 
     # ------------------------------------------------------------------ layouts
 
@@ -378,6 +411,7 @@ class LossEvaluator:
             if bad:
                 raise ValueError(f"block indices {bad} outside 0…{self.n_layers - 1}")
         cap = self.n_layers if max_prefix is None else max(0, min(int(max_prefix), self.n_layers))
+        use_cache = use_cache and self.cache_matches
         starts = [min(cached_prefix(s, self.n_layers), cap) if use_cache else 0 for s in sequences]
         visit = sorted(range(len(sequences)), key=lambda i: sequences[i]) if share_prefixes else range(len(sequences))
         per_seq = [np.zeros(self.n_targets) for _ in sequences]
@@ -475,6 +509,13 @@ SURGERY_PARAMS = {
         "enum": ["auto", "packed", "padded"],
         "default": "auto"
     },
+    "max_target_tokens": {
+        "description": "Completion tokens per prompt the loss is evaluated on: the first K (null: all). "
+                       "Tokens after them are not run, so this bounds the cost of every variant.",
+        "type": ["integer", "null"],
+        "minimum": 1,
+        "default": None
+    },
     "dtype": {
         "description": "Compute dtype of the model for the surgery runs (auto: bfloat16 on GPU, float32 on CPU).",
         "enum": ["float32", "bfloat16", "float16", "auto"],
@@ -491,8 +532,11 @@ def surgery_evaluator(model_dir, resid_path, *, params: dict, device="cpu") -> L
 
     adapter = load_model(model_dir, dtype=params["dtype"], device=device, kind="decoder")
     cache = ActivationCache(Path(resid_path).parent)
+    prompt_ids, sample = sample_cache_prompts(cache.tokens, params["max_prompts"], seed=params.get("seed", 0))
     evaluator = LossEvaluator(adapter, cache, batch_size=params["batch_size"], device=device,
-                              max_prompts=params["max_prompts"], layout=params["layout"])
+                              prompt_ids=prompt_ids, max_target_tokens=params.get("max_target_tokens"),
+                              layout=params["layout"])
+    evaluator.sample = sample  # prompt_ids, prompt_categories, n_empty_completions: for the summary
     log.info("surgery on %d prompts (%d completion tokens), %s layout, %d positions per block call",
              len(evaluator.prompts), evaluator.n_targets, evaluator.layout, evaluator.positions_per_block)
     return evaluator
