@@ -13,7 +13,9 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, snakemake
+from layerscope import LayerscopeError
 from layerscope.experiments import registry
+from layerscope.experiments.registry import Experiment
 from layerscope.jobs import config as lsconfig
 from layerscope.jobs.schema import build_schema
 
@@ -134,7 +136,10 @@ def run(job):
     values = emb.abs().mean(dim=1)[:16] * job.params["scale"]
     frame = pd.DataFrame({"model": job.model, "row": range(len(values)), "metric": "scaled_abs_mean",
                           "value": values.numpy()})
-    return Result(summary={"model": job.model, "scale": job.params["scale"], "first": float(values[0])},
+    from layerscope.engines.statistics import deterministic
+
+    return Result(summary={"model": job.model, "scale": job.params["scale"], "first": float(values[0]),
+                           **deterministic("the weights")},
                   tables={"metrics": frame}, figures={"norms": partial(plot, frame)})
 
 
@@ -182,3 +187,22 @@ def test_a_toy_experiment_runs_through_the_registry_alone(tmp_path, stories_dir)
     }))
     bad = snakemake(workdir, "-n", configfile="bad.yaml", env=env, check=False)
     assert bad.returncode != 0 and "config.experiments.toy.scale" in bad.stdout + bad.stderr
+
+
+def test_the_writer_refuses_a_summary_without_uncertainty_or_with_a_bad_interval(tmp_path):
+    from layerscope.engines.statistics import Bootstrap
+    from layerscope.jobs.writer import check_summary
+
+    exp = Experiment(name="probe", family="toy", description="d", needs="any", data="weights", gpu=False,
+                     inputs=("model",), run=lambda job: None, headlines=("loss",))
+    fine = {"loss": 2.0, "loss_ci": [1.5, 2.5], "curve": [1.0, None], "curve_ci": [[0.5, 1.5], [None, None]],
+            **Bootstrap(10).summary()}
+    check_summary(exp, fine)
+    with pytest.raises(LayerscopeError, match="uncertainty"):
+        check_summary(exp, {k: v for k, v in fine.items() if k != "uncertainty"})
+    with pytest.raises(LayerscopeError, match="headline 'loss'"):
+        check_summary(exp, {k: v for k, v in fine.items() if k != "loss_ci"})
+    with pytest.raises(LayerscopeError, match="not a finite interval containing 2.0"):
+        check_summary(exp, {**fine, "loss_ci": [2.1, 2.5]})
+    with pytest.raises(LayerscopeError, match="not a finite interval"):
+        check_summary(exp, {**fine, "curve_ci": [[0.5, float("nan")], [None, None]]})

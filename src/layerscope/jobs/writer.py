@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -105,9 +106,55 @@ def write_result(exp: Experiment, result: Result, outputs, *, provenance: dict[s
         target = Path(get_path(f"file_{filename.split('.', 1)[0]}"))
         result.files[filename](target)
     summary = dict(result.summary)
+    check_summary(exp, summary)
     if provenance is not None:
         summary["provenance"] = provenance
     write_json(get_path("summary"), summary)
+
+
+UNCERTAINTY_KEYS = {"unit", "n_units", "n_boot", "level", "method"}
+
+
+def check_summary(exp: Experiment, summary: dict[str, Any]) -> None:
+    """Refuse a summary that states numbers without saying how sure they are.
+
+    Every summary carries an ``uncertainty`` object (what was resampled, how often, at which
+    level; or why the numbers are exact) and an ``underpowered`` flag; each headline the
+    experiment declares is present with its ``_ci``; every interval is finite and contains
+    its point value (element by element for per-layer lists).
+    """
+    unc = summary.get("uncertainty")
+    if not isinstance(unc, dict) or set(unc) != UNCERTAINTY_KEYS:
+        raise LayerscopeError(f"{exp.name}: summary needs an 'uncertainty' object with keys {sorted(UNCERTAINTY_KEYS)}")
+    if not isinstance(summary.get("underpowered"), bool):
+        raise LayerscopeError(f"{exp.name}: summary needs a boolean 'underpowered'")
+    for key in exp.headlines:
+        if key not in summary or f"{key}_ci" not in summary:
+            raise LayerscopeError(f"{exp.name}: headline {key!r} needs its value and {key}_ci in the summary")
+    for key, ci in summary.items():
+        if key.endswith("_ci") and key[:-3] in summary:
+            _check_interval(exp, key, summary[key[:-3]], ci)
+
+
+def _check_interval(exp: Experiment, key: str, point: Any, ci: Any) -> None:
+    if isinstance(point, bool) or point is None:
+        return
+    if isinstance(point, (int, float)):
+        if not math.isfinite(point):
+            return
+        ok = (isinstance(ci, (list, tuple)) and len(ci) == 2
+              and all(isinstance(v, (int, float)) and math.isfinite(v) for v in ci)
+              and ci[0] - 1e-9 * max(1.0, abs(point)) <= point <= ci[1] + 1e-9 * max(1.0, abs(point)))
+        if not ok:
+            raise LayerscopeError(f"{exp.name}: {key} = {ci} is not a finite interval containing {point}")
+    elif isinstance(point, (list, tuple)):
+        if not isinstance(ci, (list, tuple)) or len(ci) != len(point):
+            raise LayerscopeError(f"{exp.name}: {key} needs one interval per element of {key[:-3]}")
+        for p, c in zip(point, ci):
+            if c is None or (isinstance(c, (list, tuple)) and all(v is None for v in c)):
+                if p is None or (isinstance(p, float) and not math.isfinite(p)):
+                    continue
+            _check_interval(exp, key, p, c)
 
 
 def _check_keys(exp: Experiment, what: str, got: set, declared: set) -> None:

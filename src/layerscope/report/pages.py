@@ -28,16 +28,63 @@ def _is_scalar(value: Any) -> bool:
 
 
 def headline(summary: dict) -> dict[str, Any]:
-    """The summary's top-level scalars and short scalar lists (model / prompt_set excluded)."""
+    """The summary's top-level scalars and short scalar lists (model / prompt_set excluded).
+
+    A number K reported with an interval ``K_ci`` is kept as K; the interval is read with
+    :func:`intervals` and shown beside it ("value [lo, hi]"), not as a row of its own.
+    """
     out = {}
+    cis = intervals(summary)
     for key, value in summary.items():
-        if key in ("model", "prompt_set", "experiment", "model_a", "model_b"):
+        if key in ("model", "prompt_set", "experiment", "model_a", "model_b", "underpowered_reasons"):
+            continue
+        if key.endswith("_ci") and key[: -len("_ci")] in cis:
             continue
         if _is_scalar(value):
             out[key] = value
         elif isinstance(value, list) and len(value) <= MAX_LIST and all(_is_scalar(v) for v in value):
             out[key] = value
     return out
+
+
+def intervals(summary: dict) -> dict[str, list[float]]:
+    """K -> [lo, hi] for every scalar number K of the summary that has a ``K_ci`` pair."""
+    out = {}
+    for key, value in summary.items():
+        if not key.endswith("_ci"):
+            continue
+        base = key[: -len("_ci")]
+        point = summary.get(base)
+        if (isinstance(point, (int, float)) and not isinstance(point, bool) and isinstance(value, list)
+                and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+            out[base] = [float(value[0]), float(value[1])]
+    return out
+
+
+def shown(summary: dict, key: str, value: Any) -> str:
+    """One headline value as the report prints it: "value [lo, hi]" when it has an interval."""
+    if isinstance(value, list):
+        return json.dumps(value)
+    ci = intervals(summary).get(key)
+    if ci is None:
+        return _fmt(value)
+    return f"{_fmt(value)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def evidence_note(summary: dict) -> str:
+    """What the intervals are over, and why a claim is flagged underpowered (empty if neither)."""
+    parts = []
+    unc = summary.get("uncertainty")
+    if isinstance(unc, dict):
+        if unc.get("n_units"):
+            parts.append(f"Intervals: {unc['level']:.0%} {unc['method']} ({unc['n_units']} {unc['unit']}s, "
+                         f"{unc['n_boot']} resamples).")
+        elif unc.get("method"):
+            parts.append(f"No intervals: {unc['method']}.")
+    if summary.get("underpowered"):
+        reasons = "; ".join(summary.get("underpowered_reasons") or []) or "see summary"
+        parts.append(f"**Underpowered**: {reasons}.")
+    return " ".join(parts)
 
 
 def parse_summary_path(path: str | Path) -> dict[str, str]:
@@ -85,9 +132,11 @@ def headline_table(summary_paths: Iterable[str | Path]) -> pd.DataFrame:
     rows = []
     for path in summary_paths:
         where = parse_summary_path(path)
-        for metric, value in headline(read_json(path)).items():
-            shown = json.dumps(value) if isinstance(value, list) else value
-            rows.append({**where, "metric": metric, "value": None if shown is None else str(shown),
+        summary = read_json(path)
+        for metric, value in headline(summary).items():
+            text = None if value is None else shown(summary, metric, value) if metric in intervals(summary) \
+                else json.dumps(value) if isinstance(value, list) else str(value)
+            rows.append({**where, "metric": metric, "value": text,
                          "number": float(value) if isinstance(value, (int, float)) and not isinstance(value, bool)
                          else float("nan")})
     return pd.DataFrame(rows, columns=["model", "prompt_set", "experiment", "metric", "value", "number"])
@@ -173,13 +222,17 @@ def model_report(model: str, summary_paths: list[str | Path], manifest_path: str
             label = scope_label(experiment, where["prompt_set"])
             if family:
                 label = f"{experiment} — {label}"
-            rows = [[k, _fmt(v) if not isinstance(v, list) else json.dumps(v)]
-                    for k, v in headline(read_json(path)).items()]
+            summary = read_json(path)
+            rows = [[k, shown(summary, k, v)] for k, v in headline(summary).items()]
+            note = evidence_note(summary)
             md += [f"### {label}", ""]
             body.append(f"<h3>{html.escape(label.replace('`', ''))}</h3>")
             if family and experiment in EXPERIMENTS:
                 md += [f"_{EXPERIMENTS[experiment].description}_", ""]
                 body.append(f"<p><em>{html.escape(EXPERIMENTS[experiment].description)}</em></p>")
+            if note:
+                md += [note, ""]
+                body.append(f"<p class='evidence'>{html.escape(note).replace('**', '')}</p>")
             md += [_md_table(["metric", "value"], rows), ""]
             body.append(_html_table(["metric", "value"], rows))
             for table in _tables(path):
