@@ -231,3 +231,19 @@ def test_lens_figures_draw(stories, tmp_path):
     for plot in (plot_curves, plot_categories, plot_crystallization):
         plot(result, tmp_path / f"{plot.__name__}.png")
         assert (tmp_path / f"{plot.__name__}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("params, expected", [({"max_phases": 2}, 2), ({"max_phases": 4, "n_phases": 3}, 3)])
+def test_run_reads_max_phases_and_the_deprecated_n_phases(params, expected, stories, stories_dir, tmp_path):
+    from layerscope.jobs.writer import run_experiment
+
+    adapter, tok = stories
+    _random_cache(adapter, tok, tmp_path, n=5)
+    out = {"summary": tmp_path / "summary.json", "table_metrics": tmp_path / "m.parquet",
+           "table_per_token": tmp_path / "t.parquet", **{f"figure_{f}": tmp_path / f"{f}.png"
+                                                         for f in ("curves", "categories", "crystallization")}}
+    inputs = {"model": str(stories_dir), "resid": str(tmp_path / "resid.safetensors"),
+              "tokens": str(tmp_path / "tokens.parquet")}
+    summary = run_experiment("logit_lens", inputs, out, params={"topk": 5, "chunk_tokens": 64, "seed": 0, **params},
+                             wildcards={"model": "stories", "pset": "p"}).summary
+    assert summary["max_phases"] == expected and summary["n_phases"] <= expected
