@@ -15,8 +15,10 @@ from tests.helpers import REPO, save_tiny_model
 from layerscope import LayerscopeError
 from layerscope.jobs import config as lsconfig
 from layerscope.jobs.writer import run_experiment
+from layerscope.engines.statistics import Bootstrap
 from layerscope.experiments.cross_model.cross_model import (
-    cka_from_grams, cka_matrix, cross_model_cka, gram, hsic_unbiased, linear_cka, procrustes_alignment,
+    _zero_diagonal, cka_from_grams, cka_matrix, cross_model_cka, debiased_cka_resampled, debiased_cka_uncertainty,
+    gram, hsic_unbiased, hsic_unbiased_weighted, linear_cka, procrustes_alignment, retrieval_scores,
     shared_vocabulary,
 )
 
@@ -89,6 +91,70 @@ def test_cka_matrix_entries_are_pairwise_ckas():
         linear_cka(reps(n=5), reps(n=6))
 
 
+def brute_force_weighted_hsic_u(k, l, w):
+    """The U-statistic over 4-tuples of distinct units, each weighted by the product of multiplicities."""
+    num = den = 0.0
+    for i, j, q, r in itertools.permutations(range(len(w)), 4):
+        weight = w[i] * w[j] * w[q] * w[r]
+        num += weight * (k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q])
+        den += weight
+    return num / den
+
+
+def test_resampled_debiased_hsic_is_the_u_statistic_over_distinct_prompts():
+    x, y = reps(n=7, d=5, seed=20), reps(n=7, d=4, seed=21)
+    k, l = gram(x), gram(y)
+    ka, kb = _zero_diagonal([k]), _zero_diagonal([l])
+    cross, self_a, self_b = hsic_unbiased_weighted(ka, kb, np.ones(7))
+    assert cross[0, 0] == pytest.approx(hsic_unbiased(k, l), rel=1e-12)  # no resampling: the estimator itself
+    assert self_a[0] == pytest.approx(hsic_unbiased(k, k), rel=1e-12)
+    for w in ([2, 0, 1, 1, 3, 0, 0], [1, 1, 2, 0, 1, 1, 1]):
+        w = np.array(w, dtype=float)
+        cross, self_a, self_b = hsic_unbiased_weighted(ka, kb, w)
+        assert cross[0, 0] == pytest.approx(brute_force_weighted_hsic_u(k, l, w), rel=1e-10)
+        assert self_b[0] == pytest.approx(brute_force_weighted_hsic_u(l, l, w), rel=1e-10)
+        # invariant to re-centring the features on the resample (the Grams need not be rebuilt)
+        shift = gram(y - y[w > 0].mean(0))
+        assert hsic_unbiased_weighted(ka, _zero_diagonal([shift]), w)[0][0, 0] == pytest.approx(cross[0, 0], rel=1e-9)
+    assert np.isnan(hsic_unbiased_weighted(ka, kb, np.array([4, 3, 0, 0, 0, 0, 0.0]))[0]).all()  # < 4 prompts
+    grams_a = [gram(reps(n=9, d=6, seed=s)) for s in range(3)]
+    grams_b = [gram(reps(n=9, d=5, seed=30 + s)) for s in range(2)]
+    np.testing.assert_allclose(debiased_cka_resampled(_zero_diagonal(grams_a), _zero_diagonal(grams_b), np.ones(9)),
+                               cka_matrix(grams_a, grams_b, debiased=True), rtol=1e-12, atol=1e-14)
+
+
+def test_the_bootstrap_of_the_debiased_cka_is_not_inflated_by_repeated_prompts():
+    """Unrelated representations: resamples stay near 0 (the plain estimator on a resample with copies of
+    prompts paired with each other scores ~0.8 here)."""
+    x, z = reps(n=40, d=300, seed=22), reps(n=40, d=200, seed=23)
+    grams_a, grams_b = [gram(x)], [gram(z)]
+    point = cka_matrix(grams_a, grams_b, debiased=True)
+    boot = Bootstrap(40, n_boot=300, seed=1)
+    _, values = boot.distribution(lambda idx: np.stack([debiased_cka_resampled(
+        _zero_diagonal(grams_a), _zero_diagonal(grams_b), np.bincount(row.astype(int), minlength=40))[0, 0]
+        for row in idx]), np.arange(40))
+    assert abs(np.median(values) - point[0, 0]) < 0.05 and np.quantile(values, 0.975) < 0.3
+    naive = [linear_cka(x[row], z[row], debiased=True) for row in boot.index[:20]]
+    assert np.mean(naive) > 0.5  # what the plain estimator gives on the same resamples
+
+
+def test_debiased_cka_headlines_get_intervals_and_the_best_pair_a_stability():
+    u = reps(n=30, d=4, seed=24)
+    rng = np.random.default_rng(0)
+    a = [u @ rng.standard_normal((4, 20)) * s + rng.standard_normal((30, 20)) for s in (0.1, 1.0, 3.0)]
+    b = [u @ rng.standard_normal((4, 16)) * s + rng.standard_normal((30, 16)) for s in (0.1, 3.0)]
+    grams_a, grams_b = [gram(x) for x in a], [gram(y) for y in b]
+    debiased = cka_matrix(grams_a, grams_b, debiased=True)
+    boot = Bootstrap(30, n_boot=300, seed=2)
+    out = debiased_cka_uncertainty(grams_a, grams_b, debiased, boot)
+    for name, point in (("max", np.nanmax(debiased)), ("final", debiased[-1, -1]), ("mean", debiased.mean())):
+        lo, hi = out[f"cka_debiased_{name}_ci"]
+        assert np.isfinite([lo, hi]).all() and lo <= point <= hi
+    assert np.unravel_index(np.argmax(debiased), debiased.shape) == (2, 1)  # the strongly shared layers
+    assert out["cka_debiased_max_pair_stability"] > 0.9
+    assert out["cka_debiased_max_layer_a_stability"] >= out["cka_debiased_max_pair_stability"]
+
+
 PROMPTS = ["Once upon a time there was a girl", "The dog ran to the park", "A big cat sat on the mat",
            "Tom and Sue went home", "One day a bird sang", "The sun was warm and bright"]
 
@@ -129,12 +195,18 @@ def test_cka_between_a_decoder_and_an_encoder_matches_their_own_hidden_states(st
     assert result.cka.shape == (6, 4)
     ha, hb = pooled_hidden_states(dec, dec_tok), pooled_hidden_states(enc, enc_tok)
     # Llama's hidden_states[i] is resid.i for i < L (its last entry is after the final norm); BERT's are all resid.i
+    # float32 states from a padded batch vs a single forward (~1e-7 apart); with 6 prompts the debiased
+    # estimator amplifies that cancellation, hence 1e-5
     for i, j in itertools.product(range(5), range(4)):
         for debiased, matrix in ((False, result.cka), (True, result.cka_debiased)):
-            assert matrix[i, j] == pytest.approx(linear_cka(ha[i], hb[j], debiased=debiased), abs=1e-6)
+            assert matrix[i, j] == pytest.approx(linear_cka(ha[i], hb[j], debiased=debiased), abs=1e-5)
     table = result.table
     assert len(table) == 24 and table["cka"].between(0, 1 + 1e-9).all()
     assert s["cka_max"] == pytest.approx(float(np.nanmax(result.cka)))
+    assert s["uncertainty"]["unit"] == "prompt" and s["uncertainty"]["n_units"] == 6
+    lo, hi = s["cka_debiased_max_ci"]
+    assert np.isfinite([lo, hi]).all() and lo <= s["cka_debiased_max"] <= hi
+    assert 0 <= s["cka_debiased_max_pair_stability"] <= 1 and s["prompt_categories"] == {"c": 6}
     # a model against itself: the diagonal is 1
     self_result = cross_model_cka(cache_a, cache_a, model_a="s", model_b="s", prompt_set="p")
     np.testing.assert_allclose(np.diag(self_result.cka), 1.0, atol=1e-10)
@@ -151,6 +223,30 @@ def test_cka_needs_enough_shared_prompts(stories_dir, tmp_path):
 # ---------------------------------------------------------------------------- Procrustes
 
 
+def test_knn_overlap_does_not_count_a_point_as_its_own_neighbour():
+    """Each mapped row retrieves its own target (top-1 = 1) but its other neighbours are unrelated to the
+    target's: the overlap is at chance, k/(n − 1). Counting the point itself gave 0.17 here."""
+    rng = np.random.default_rng(0)
+    n, k = 120, 10
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    own = 1.5 * np.eye(n)  # a component only the row and its own target share
+    target = np.hstack([own, unit(rng.standard_normal((n, 16)))])
+    mapped = np.hstack([own, unit(rng.standard_normal((n, 16)))])
+    scores = retrieval_scores(mapped, target, k, chunk=50)
+    assert scores["top1"].all()
+    assert scores["knn_overlap"].mean() == pytest.approx(k / (n - 1), abs=0.03)
+    # the definition, with a plain loop: k nearest among the other target rows, by cosine
+    cos = unit(mapped) @ unit(target).T
+    true = unit(target) @ unit(target).T
+    for i in range(0, n, 7):
+        others = np.delete(np.arange(n), i)
+        near_m = set(others[np.argsort(-cos[i, others], kind="stable")[:k]])
+        near_t = set(others[np.argsort(-true[i, others], kind="stable")[:k]])
+        assert scores["knn_overlap"][i] == pytest.approx(len(near_m & near_t) / k)
+    # identical spaces: 1 either way
+    assert retrieval_scores(target, target, k)["knn_overlap"].mean() == pytest.approx(1.0)
+
+
 def test_a_random_rotation_of_an_embedding_is_recovered(stories):
     adapter, _ = stories
     emb = adapter.embed.weight.detach()
@@ -165,6 +261,15 @@ def test_a_random_rotation_of_an_embedding_is_recovered(stories):
     assert abs(summary["identity_heldout_cosine_mean"]) < 0.3
     assert (summary["n_train"], summary["n_heldout"]) == (256, 256)
     assert set(frame["method"]) == {"procrustes", "random_rotation", "identity"}
+    # held-out scores: intervals over held-out tokens that contain them
+    assert summary["uncertainty"]["unit"] == "held-out token" and summary["uncertainty"]["n_units"] == 256
+    for key in ("heldout_cosine_mean", "heldout_knn_overlap_at_10", "heldout_top1_retrieval",
+                "heldout_relative_residual", "random_rotation_heldout_cosine_mean",
+                "random_rotation_heldout_knn_overlap_at_10"):
+        lo, hi = summary[f"{key}_ci"]
+        assert np.isfinite([lo, hi]).all() and lo <= summary[key] <= hi
+    scored = frame.dropna(subset=["ci_lo"])
+    assert len(scored) == 12 and ((scored["ci_lo"] <= scored["value"]) & (scored["value"] <= scored["ci_hi"])).all()
 
 
 def test_procrustes_reduces_the_wider_model_by_pca(stories):
@@ -219,6 +324,7 @@ def test_procrustes_between_prepared_models_sharing_or_not_a_tokenizer(stories_d
     assert not shared["same_tokenizer"] and shared["n_shared_tokens"] == 512
     summary = procrustes(other, "other")
     assert summary["applicable"] is False and "tokenizer" in summary["reason"]
+    assert summary["uncertainty"]["n_boot"] == 0 and summary["underpowered"] is False
 
 
 # ---------------------------------------------------------------------------- configuration

@@ -12,7 +12,17 @@ Per token: ``first_top1`` (first layer whose top-1 is the final top-1),
 layer) and ``gap`` = crystallization − first_top1; the same with "the final top-1 is in
 the layer's top-k" (``*_topk``). Views: all completion tokens pooled, the first completion
 token only ("pure next token"), and per prompt category. Phases of depth come from
-change-point segmentation of the per-layer curves (:mod:`layerscope.engines.phases`).
+change-point segmentation of the per-layer curves (:mod:`layerscope.engines.phases`), the
+number of phases (at most ``max_phases``) chosen by BIC.
+
+Uncertainty: the tokens of one prompt are not independent, so the unit of the bootstrap is
+the prompt. Every mean over tokens (per-token quantities, per-layer curves) is computed as
+Σ_prompts sum / Σ_prompts count from per-prompt sums and token counts: the point value is
+the plain mean over tokens, and a resample of prompts carries each prompt's tokens with it.
+Per category, the bootstrap runs over that category's prompts. Prompts without a completion
+token contribute nothing and are counted (``n_empty_completions``). The stability of the
+phase boundaries is the fraction of resamples whose BIC segmentation of the resampled
+curves gives the same boundaries.
 """
 
 from __future__ import annotations
@@ -29,14 +39,16 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.model.adapter import ModelAdapter
-from layerscope.engines.phases import phases_from_boundaries, segment
+from layerscope.engines.phases import Segmentation, phases_from_boundaries, select_segments
 from layerscope.engines.readout import Readout
+from layerscope.engines.statistics import N_BOOT, Bootstrap, weighted_mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
 LAYER_METRICS = ("top1_agreement", "topk_agreement", "final_top1_prob", "final_top1_log_rank", "entropy", "kl_final")
 PHASE_FEATURES = ("top1_agreement", "topk_agreement", "final_top1_prob", "entropy", "kl_final")
+TOKEN_QUANTITIES = ("first_top1", "crystallization", "gap", "first_topk", "crystallization_topk", "gap_topk")
 
 
 @dataclass
@@ -149,15 +161,122 @@ def _layer_curves(arrays: LensArrays, select: np.ndarray, topk: int) -> dict[str
     }
 
 
-def _token_stats(table: pd.DataFrame) -> dict:
+def _token_values(arrays: LensArrays, topk: int) -> dict[str, np.ndarray]:
+    """The per-(layer, token) quantities the curves average, [n_layers + 1, n_tokens] each."""
     return {
-        "n_tokens": int(len(table)),
-        "first_top1_mean": float(table["first_top1"].mean()),
-        "crystallization_mean": float(table["crystallization"].mean()),
-        "gap_mean": float(table["gap"].mean()),
-        "first_topk_mean": float(table["first_topk"].mean()),
-        "crystallization_topk_mean": float(table["crystallization_topk"].mean()),
+        "top1_agreement": arrays.top1_match.astype(float),
+        "topk_agreement": (arrays.rank < topk).astype(float),
+        "final_top1_prob": arrays.prob,
+        "final_top1_log_rank": np.log1p(arrays.rank),
+        "entropy": arrays.entropy,
+        "kl_final": arrays.kl,
     }
+
+
+@dataclass
+class _Units:
+    """The prompts (bootstrap units) of a selection of completion tokens."""
+
+    ids: list[str]
+    codes: np.ndarray  # per selected token: its prompt's index in ids
+    select: np.ndarray  # bool over all tokens of the table
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """Per-prompt sums of ``values`` [..., n_tokens (all)] over the selected tokens: [n_prompts, ...]."""
+        values = np.asarray(values, dtype=float)
+        flat = values[..., self.select].reshape(-1, int(self.select.sum()))
+        out = np.stack([np.bincount(self.codes, weights=row, minlength=self.n) for row in flat], axis=1)
+        return out.reshape(self.n, *values.shape[:-1])
+
+    def counts(self) -> np.ndarray:
+        return np.bincount(self.codes, minlength=self.n).astype(float)
+
+
+def _units(table: pd.DataFrame, select: np.ndarray, ids: list[str] | None = None) -> _Units:
+    """The prompts of the selected tokens (in table order), or the given ``ids`` (a superset)."""
+    if ids is None:
+        ids = list(dict.fromkeys(table.loc[select, "prompt_id"]))
+    position = {pid: k for k, pid in enumerate(ids)}
+    codes = table.loc[select, "prompt_id"].map(position).to_numpy(dtype=np.int64)
+    return _Units([str(i) for i in ids], codes, np.asarray(select, dtype=bool))
+
+
+def _contain(ci: list, point: float) -> list[float]:
+    """An interval widened (by rounding at most) to contain a point computed along another path."""
+    return [float(min(ci[0], point)), float(max(ci[1], point))]
+
+
+def _curve_intervals(values: dict[str, np.ndarray], curves: dict[str, np.ndarray], units: _Units,
+                     boot: Bootstrap) -> dict[str, np.ndarray]:
+    """Per metric: [n_layers + 1, 2] interval of the token-weighted per-layer mean, over prompts."""
+    counts = units.counts()
+    out = {}
+    for metric, v in values.items():
+        _, ci = boot.interval(units.sums(v), counts, statistic=_weighted_curve)
+        out[metric] = np.array([_contain(pair, p) for pair, p in zip(ci, curves[metric])])
+    return out
+
+
+def _weighted_curve(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Σ per-prompt sums / Σ per-prompt token counts, per layer: [n_boot, n_layers + 1]."""
+    return sums.sum(axis=1) / counts.sum(axis=1)[:, None]
+
+
+def _token_stats(table: pd.DataFrame, units: _Units, boot: Bootstrap) -> dict:
+    """Means over the selected completion tokens, each with its bootstrap interval over prompts.
+
+    A mean over tokens is Σ_prompts (sum over the prompt's tokens) / Σ_prompts (its token
+    count), so the point value is exactly the plain mean over tokens and a resample of
+    prompts takes each prompt's tokens with it.
+    """
+    counts = units.counts()
+    out: dict = {"n_tokens": int(counts.sum()), "n_prompts": units.n}
+    for quantity in TOKEN_QUANTITIES:
+        sums = units.sums(table[quantity].to_numpy(dtype=float))
+        point, ci = boot.interval(sums, counts, statistic=weighted_mean)
+        out[f"{quantity}_mean"] = point
+        out[f"{quantity}_mean_ci"] = ci
+    return out
+
+
+def _category_stats(table: pd.DataFrame, units: _Units, boot: Bootstrap) -> dict:
+    out = _token_stats(table, units, boot)
+    summary = boot.summary()
+    out["underpowered"] = summary["underpowered"]
+    out["underpowered_reasons"] = summary["underpowered_reasons"]
+    return out
+
+
+def phase_segmentation(curves: dict[str, np.ndarray], max_phases: int) -> Segmentation:
+    """Phases of depth: the BIC-chosen segmentation of the standardised PHASE_FEATURES curves."""
+    return select_segments(np.column_stack([curves[m] for m in PHASE_FEATURES]), max_phases)
+
+
+def _phase_stability(values: dict[str, np.ndarray], units: _Units, boot: Bootstrap, max_phases: int,
+                     point: Segmentation) -> tuple[float, float]:
+    """Fractions of bootstrap resamples (of prompts) giving the same phase boundaries / the same number."""
+    counts = units.counts()
+    resampled = []
+    for metric in PHASE_FEATURES:
+        _, dist = boot.distribution(_weighted_curve, units.sums(values[metric]), counts)
+        resampled.append(dist)
+    resampled = np.stack(resampled, axis=2)  # [n_boot, n_layers + 1, n_features]
+    same_boundaries = same_k = 0
+    for curves in resampled:
+        seg = select_segments(curves, max_phases)
+        same_boundaries += seg.boundaries == point.boundaries
+        same_k += seg.n_segments == point.n_segments
+    return same_boundaries / len(resampled), same_k / len(resampled)
+
+
+def empty_completions(tokens: pd.DataFrame) -> int:
+    """Prompts of the cache without a completion token (the model stopped at once)."""
+    n_targets = tokens.groupby("prompt_id", sort=False)["is_target"].sum()
+    return int((n_targets == 0).sum())
 
 
 @dataclass
@@ -167,6 +286,8 @@ class LensResult:
     summary: dict
     curves: dict  # view -> metric -> array over layers
     category_curves: dict  # category -> metric -> array
+    curve_ci: dict = None  # view -> metric -> [n_layers + 1, 2] bootstrap interval over prompts
+    category_ci: dict = None  # category -> metric -> [n_layers + 1, 2]
 
 
 def logit_lens(
@@ -176,8 +297,10 @@ def logit_lens(
     model: str,
     prompt_set: str,
     topk: int = 10,
-    n_phases: int = 4,
+    max_phases: int = 4,
     chunk_tokens: int = 256,
+    seed: int = 0,
+    n_boot: int = N_BOOT,
 ) -> LensResult:
     arrays = lens_arrays(adapter, cache, chunk_tokens=chunk_tokens)
     table = per_token_table(arrays, cache.tokens, topk)
@@ -185,48 +308,87 @@ def logit_lens(
     views = {"all": np.ones(len(table), dtype=bool), "first_token": (table["target_index"] == 0).to_numpy()}
     curves = {view: _layer_curves(arrays, sel, topk) for view, sel in views.items() if sel.any()}
     categories = list(dict.fromkeys(table["category"]))
-    category_curves = {c: _layer_curves(arrays, (table["category"] == c).to_numpy(), topk) for c in categories}
+    in_category = {c: (table["category"] == c).to_numpy() for c in categories}
+    category_curves = {c: _layer_curves(arrays, in_category[c], topk) for c in categories}
+
+    # uncertainty: a bootstrap over prompts (their tokens are not independent), from per-prompt sums
+    values = _token_values(arrays, topk)
+    units = _units(table, views["all"])
+    boot = Bootstrap(units.n, unit="prompt", n_boot=n_boot, seed=seed)
+    # every view is a selection of tokens of the same prompts: it shares the resamples of "all"
+    view_units = {view: _units(table, sel, units.ids) for view, sel in views.items() if sel.any()}
+    curve_ci = {view: _curve_intervals(values, curves[view], view_units[view], boot) for view in curves}
+    category_units = {c: _units(table, in_category[c]) for c in categories}
+    category_boot = {c: Bootstrap(u.n, unit="prompt", n_boot=n_boot, seed=seed) for c, u in category_units.items()}
+    category_ci = {c: _curve_intervals(values, category_curves[c], category_units[c], category_boot[c])
+                   for c in categories}
 
     records = []
     for view, metrics in curves.items():
-        for metric, values in metrics.items():
-            records += [(view, "all", layer, metric, float(v)) for layer, v in enumerate(values)]
+        for metric, v in metrics.items():
+            ci = curve_ci[view][metric]
+            records += [(view, "all", layer, metric, float(x), *map(float, ci[layer])) for layer, x in enumerate(v)]
     for category, metrics in category_curves.items():
-        for metric, values in metrics.items():
-            records += [("all", category, layer, metric, float(v)) for layer, v in enumerate(values)]
-    frame = pd.DataFrame(records, columns=["view", "category", "layer", "metric", "value"])
+        for metric, v in metrics.items():
+            ci = category_ci[category][metric]
+            records += [("all", category, layer, metric, float(x), *map(float, ci[layer]))
+                        for layer, x in enumerate(v)]
+    frame = pd.DataFrame(records, columns=["view", "category", "layer", "metric", "value", "ci_lo", "ci_hi"])
     frame.insert(0, "prompt_set", prompt_set)
     frame.insert(0, "model", model)
 
-    features = np.column_stack([curves["all"][m] for m in PHASE_FEATURES])
-    boundaries = segment(features, n_phases)
-    greedy = (table["final_top1"] == table["target_id"]).mean()
+    segmentation = phase_segmentation(curves["all"], max_phases)
+    boundaries = [int(b) for b in segmentation.boundaries]
+    phases_stability, n_phases_stability = _phase_stability(values, units, boot, max_phases, segmentation)
+    boot.check_stability("phase_boundaries", phases_stability)
+
+    stats = _token_stats(table, units, boot)
+    greedy = (table["final_top1"] == table["target_id"]).to_numpy(dtype=float)
+    greedy_point, greedy_ci = boot.interval(units.sums(greedy), units.counts(), statistic=weighted_mean)
     summary = {
         "model": model,
         "prompt_set": prompt_set,
         "n_layers": n_layers,
-        "n_prompts": int(table["prompt_id"].nunique()),
+        "n_prompts": units.n,
+        "n_empty_completions": empty_completions(cache.tokens),
+        "prompt_categories": {c: category_units[c].n for c in categories},
         "topk": topk,
-        **_token_stats(table),
-        "crystallization_mean_frac": float(table["crystallization"].mean() / n_layers),
-        "gap_topk_mean": float(table["gap_topk"].mean()),
+        **{k: v for k, v in stats.items() if k != "n_prompts"},
+        "crystallization_mean_frac": stats["crystallization_mean"] / n_layers,
+        "crystallization_mean_frac_ci": [x / n_layers for x in stats["crystallization_mean_ci"]],
         "final_entropy_mean": float(curves["all"]["entropy"][-1]),
-        "greedy_agreement": float(greedy),
-        "phase_boundaries": [int(b) for b in boundaries],
-        "phases": phases_from_boundaries([int(b) for b in boundaries], n_layers + 1),
-        "first_token": _token_stats(table[views["first_token"]]) if views["first_token"].any() else None,
-        "by_category": {c: _token_stats(table[table["category"] == c]) for c in categories},
+        "final_entropy_mean_ci": curve_ci["all"]["entropy"][-1].tolist(),
+        "greedy_agreement": greedy_point,
+        "greedy_agreement_ci": greedy_ci,
+        "max_phases": int(max_phases),
+        "n_phases": segmentation.n_segments,
+        "phases_bic": [float(b) for b in segmentation.bic],
+        "phase_boundaries": boundaries,
+        "phases": phases_from_boundaries(boundaries, n_layers + 1),
+        "phases_stability": float(phases_stability),
+        "n_phases_stability": float(n_phases_stability),
+        "first_token": (_token_stats(table, view_units["first_token"], boot)
+                        if "first_token" in view_units else None),
+        "by_category": {c: _category_stats(table, category_units[c], category_boot[c]) for c in categories},
+        **boot.summary(),
     }
-    return LensResult(frame, table, summary, curves, category_curves)
+    return LensResult(frame, table, summary, curves, category_curves, curve_ci, category_ci)
 
 
 # ---------------------------------------------------------------------------- outputs
 
 
+def _band(ax, x, ci, **kwargs) -> None:
+    if ci is not None:
+        ax.fill_between(x, ci[:, 0], ci[:, 1], linewidth=0, **kwargs)
+
+
 def plot_curves(result: LensResult, path: str | Path) -> None:
     from layerscope.report.plotting import figure, layer_axis, mark_boundaries, save
 
-    n_layers = result.summary["n_layers"]
+    s = result.summary
+    n_layers = s["n_layers"]
+    ci = result.curve_ci or {}
     panels = [
         ("top1_agreement", "top-1 = final top-1 (fraction)"),
         ("final_top1_prob", "probability of final top-1"),
@@ -236,18 +398,24 @@ def plot_curves(result: LensResult, path: str | Path) -> None:
     with figure(2, 2, width=8.0, height=5.6) as (fig, axes):
         for ax, (metric, label) in zip(axes.flat, panels):
             x = np.arange(n_layers + 1)
-            ax.plot(x, result.curves["all"][metric], marker="o", markersize=2.5, label="all completion tokens")
+            line, = ax.plot(x, result.curves["all"][metric], marker="o", markersize=2.5,
+                            label="all completion tokens")
+            _band(ax, x, ci.get("all", {}).get(metric), color=line.get_color(), alpha=0.25)
             if "first_token" in result.curves:
-                ax.plot(x, result.curves["first_token"][metric], linestyle="--", label="first completion token")
+                line, = ax.plot(x, result.curves["first_token"][metric], linestyle="--",
+                                label="first completion token")
+                _band(ax, x, ci.get("first_token", {}).get(metric), color=line.get_color(), alpha=0.15)
             if metric == "top1_agreement":
-                ax.plot(x, result.curves["all"]["topk_agreement"], linestyle=":",
-                        label=f"final top-1 in top-{result.summary['topk']}")
+                line, = ax.plot(x, result.curves["all"]["topk_agreement"], linestyle=":",
+                                label=f"final top-1 in top-{s['topk']}")
+                _band(ax, x, ci.get("all", {}).get("topk_agreement"), color=line.get_color(), alpha=0.15)
             layer_axis(ax, n_layers)
-            mark_boundaries(ax, result.summary["phase_boundaries"])
+            mark_boundaries(ax, s["phase_boundaries"])
             ax.set_ylabel(label)
         axes[0, 0].legend(loc="upper left")
-        fig.suptitle(f"logit lens — {result.summary['model']} on {result.summary['prompt_set']} "
-                     f"({result.summary['n_tokens']} completion tokens; dashed lines: phase boundaries)")
+        fig.suptitle(f"logit lens — {s['model']} on {s['prompt_set']} ({s['n_tokens']} completion tokens of "
+                     f"{s['n_prompts']} prompts)\nbands: 95% bootstrap over prompts; dashed lines: boundaries of "
+                     f"the {s['n_phases']} phases chosen by BIC")
         save(fig, path)
 
 
@@ -255,32 +423,45 @@ def plot_categories(result: LensResult, path: str | Path) -> None:
     from layerscope.report.plotting import figure, layer_axis, save
 
     n_layers = result.summary["n_layers"]
+    ci = result.category_ci or {}
+    x = np.arange(n_layers + 1)
     with figure(1, 2, width=9.0, height=3.6) as (fig, axes):
         for category, metrics in result.category_curves.items():
-            n = result.summary["by_category"][category]["n_tokens"]
-            axes[0].plot(metrics["top1_agreement"], label=f"{category} ({n})")
-            axes[1].plot(metrics["kl_final"], label=category)
+            stats = result.summary["by_category"][category]
+            line, = axes[0].plot(x, metrics["top1_agreement"],
+                                 label=f"{category} ({stats['n_prompts']}/{stats['n_tokens']})")
+            _band(axes[0], x, ci.get(category, {}).get("top1_agreement"), color=line.get_color(), alpha=0.12)
+            axes[1].plot(x, metrics["kl_final"], color=line.get_color(), label=category)
+            _band(axes[1], x, ci.get(category, {}).get("kl_final"), color=line.get_color(), alpha=0.12)
         axes[0].set_ylabel("top-1 = final top-1 (fraction)")
         axes[1].set_ylabel("KL(final ‖ layer) (nats)")
         for ax in axes:
             layer_axis(ax, n_layers)
         axes[0].legend(loc="upper left", ncol=2)
-        fig.suptitle("logit lens by prompt category (tokens per category in brackets)")
+        fig.suptitle("logit lens by prompt category (prompts/tokens in brackets)\nbands: 95% bootstrap over the "
+                     "category's prompts")
         save(fig, path)
 
 
 def plot_crystallization(result: LensResult, path: str | Path) -> None:
     from layerscope.report.plotting import figure, save
 
-    n_layers = result.summary["n_layers"]
+    s = result.summary
+    n_layers = s["n_layers"]
     bins = np.arange(n_layers + 2) - 0.5
     with figure(width=6.4, height=3.4) as (fig, ax):
-        ax.hist(result.per_token["first_top1"], bins=bins, alpha=0.6, label="first top-1 layer")
-        ax.hist(result.per_token["crystallization"], bins=bins, alpha=0.6, label="crystallization layer")
+        for key, label in (("first_top1", "first top-1 layer"), ("crystallization", "crystallization layer")):
+            _, _, patches = ax.hist(result.per_token[key], bins=bins, alpha=0.6, label=label)
+            color = patches[0].get_facecolor()[:3] if len(patches) else None
+            lo, hi = s[f"{key}_mean_ci"]
+            ax.axvspan(lo, hi, color=color, alpha=0.25, linewidth=0)
+            ax.axvline(s[f"{key}_mean"], color=color, linewidth=1.2)
         ax.set_xlabel("layer")
         ax.set_ylabel("completion tokens")
         ax.legend()
-        ax.set_title(f"when the final prediction appears (mean gap {result.summary['gap_mean']:.2f} layers)")
+        lo, hi = s["gap_mean_ci"]
+        ax.set_title(f"when the final prediction appears (mean gap {s['gap_mean']:.2f} [{lo:.2f}, {hi:.2f}] layers)\n"
+                     "lines: means; spans: 95% bootstrap over prompts", fontsize="medium")
         save(fig, path)
 
 
@@ -289,10 +470,15 @@ def run(job: Job) -> Result:
     from layerscope.model.adapter import load_model
 
     params = job.params
+    max_phases = params["max_phases"]
+    if params.get("n_phases") is not None:  # the former name, now read as the maximum
+        log.warning("logit_lens.n_phases is deprecated: read as max_phases = %d (the number of phases is now "
+                    "chosen by BIC); rename it to max_phases", params["n_phases"])
+        max_phases = params["n_phases"]
     adapter = load_model(job.input("model"), dtype="float32", device="cpu", kind="decoder")
     cache = ActivationCache(Path(job.input("resid")).parent)
     result = logit_lens(adapter, cache, model=job.model, prompt_set=job.prompt_set, topk=params["topk"],
-                        n_phases=params["n_phases"], chunk_tokens=params["chunk_tokens"])
+                        max_phases=max_phases, chunk_tokens=params["chunk_tokens"], seed=params["seed"])
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics, "per_token": result.per_token},
@@ -322,11 +508,19 @@ EXPERIMENT = Experiment(
             "minimum": 1,
             "default": 10
         },
-        "n_phases": {
-            "description": "Number of phases found by change-point segmentation of the per-layer curves.",
+        "max_phases": {
+            "description": "Largest number of phases considered: change-point segmentations of the per-layer "
+                           "curves into k = 1 … max_phases segments are compared by BIC and the best k is "
+                           "reported (summary key n_phases); the answer is not fixed in advance.",
             "type": "integer",
             "minimum": 1,
             "default": 4
+        },
+        "n_phases": {
+            "description": "Deprecated former name of max_phases (it fixed the number of phases); when given it is "
+                           "read as max_phases, with a warning.",
+            "type": "integer",
+            "minimum": 1
         },
         "chunk_tokens": {
             "description": "Tokens projected through the unembedding at once (memory, not results).",
