@@ -42,7 +42,7 @@ def make_workdir(path: Path, models: dict[str, Path], psets=("setA", "setB")) ->
         "prompt_sets": {name: {"path": f"{name}.json"} for name in psets},
         "generation": {"max_new_tokens": MAX_NEW_TOKENS, "batch_size": 2},
         "activations": {"batch_size": 2},
-        "experiments": {"logit_lens": {"topk": 5, "n_phases": 3}},
+        "experiments": {"logit_lens": {"topk": 5, "max_phases": 3}},
     }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     return path

@@ -111,7 +111,7 @@ def test_rule_params_carry_every_setting_that_changes_results():
     cfg = check(cfg)
     gen = lsconfig.generation_params(cfg, "m1", "core")
     assert gen["system_prompt"] == "Be brief." and gen["max_new_tokens"] == 7
-    assert lsconfig.experiment_params(cfg, "logit_lens") == {"topk": 10, "n_phases": 4, "chunk_tokens": 256, "seed": 0}
+    assert lsconfig.experiment_params(cfg, "logit_lens") == {"topk": 10, "max_phases": 4, "chunk_tokens": 256, "seed": 0}
 
 
 @pytest.mark.parametrize("source, message", [

@@ -32,7 +32,7 @@ def write_config(workdir, models: dict, lens: dict | None = None):
         "prompt_sets": {"setA": {"path": "prompts_a.json"}, "setB": {"path": "prompts_b.json"}},
         "generation": {"max_new_tokens": 8, "batch_size": 2},
         "activations": {"batch_size": 2},
-        "experiments": {"logit_lens": {"topk": 5, "n_phases": 3, **(lens or {})}},
+        "experiments": {"logit_lens": {"topk": 5, "max_phases": 3, **(lens or {})}},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 

@@ -471,10 +471,6 @@ def run(job: Job) -> Result:
 
     params = job.params
     max_phases = params["max_phases"]
-    if params.get("n_phases") is not None:  # the former name, now read as the maximum
-        log.warning("logit_lens.n_phases is deprecated: read as max_phases = %d (the number of phases is now "
-                    "chosen by BIC); rename it to max_phases", params["n_phases"])
-        max_phases = params["n_phases"]
     adapter = load_model(job.input("model"), dtype="float32", device="cpu", kind="decoder")
     cache = ActivationCache(Path(job.input("resid")).parent)
     result = logit_lens(adapter, cache, model=job.model, prompt_set=job.prompt_set, topk=params["topk"],
@@ -515,12 +511,6 @@ EXPERIMENT = Experiment(
             "type": "integer",
             "minimum": 1,
             "default": 4
-        },
-        "n_phases": {
-            "description": "Deprecated former name of max_phases (it fixed the number of phases); when given it is "
-                           "read as max_phases, with a warning.",
-            "type": "integer",
-            "minimum": 1
         },
         "chunk_tokens": {
             "description": "Tokens projected through the unembedding at once (memory, not results).",
