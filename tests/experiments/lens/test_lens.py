@@ -233,8 +233,8 @@ def test_lens_figures_draw(stories, tmp_path):
         assert (tmp_path / f"{plot.__name__}.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize("params, expected", [({"max_phases": 2}, 2), ({"max_phases": 4, "n_phases": 3}, 3)])
-def test_run_reads_max_phases_and_the_deprecated_n_phases(params, expected, stories, stories_dir, tmp_path):
+@pytest.mark.parametrize("params, expected", [({"max_phases": 2}, 2), ({"max_phases": 3}, 3)])
+def test_run_reads_max_phases(params, expected, stories, stories_dir, tmp_path):
     from layerscope.jobs.writer import run_experiment
 
     adapter, tok = stories
