@@ -50,7 +50,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
-from layerscope.engines.spectra import entropy_effective_rank, gram_matrix, singular_values, stable_rank
+from layerscope.engines.spectra import entropy_effective_rank, gram_matrix, single_thread, singular_values, stable_rank
 from layerscope.engines.statistics import deterministic, empirical_p
 from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
@@ -252,9 +252,10 @@ def gram_similarity_matrix(grams: list[torch.Tensor], chunk_elements: int = 1 <<
     size = flat[0].numel()
     step = max(1, chunk_elements // max(1, n))
     inner = torch.zeros((n, n), dtype=torch.float64)
-    for start in range(0, size, step):
-        block = torch.stack([f[start : start + step].to(torch.float64) for f in flat])
-        inner += block @ block.T
+    with single_thread():  # the same sums whatever the thread count
+        for start in range(0, size, step):
+            block = torch.stack([f[start : start + step].to(torch.float64) for f in flat])
+            inner += block @ block.T
     scale = np.sqrt(np.clip(np.diag(inner.numpy()), 0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
         return inner.numpy() / np.outer(scale, scale)
