@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerscope.engines.spectra import (
-    condition_number, covariance_eigenvalues, dims_for_variance, entropy_effective_rank, participation_ratio, singular_values,
+    condition_number, covariance_eigenvalues, dims_for_variance, entropy_effective_rank, participation_ratio, roy_vetterli_effective_rank, singular_values,
     stable_rank,
 )
 
@@ -43,6 +43,27 @@ def test_flat_and_geometric_spectra():
     closed = (1 + r) / (1 - r) * (1 - r**n) ** 2 / (1 - r ** (2 * n))
     assert participation_ratio(s) == pytest.approx(closed, rel=1e-8)
     assert stable_rank(s) == pytest.approx((sigma**2).sum(), rel=1e-8)
+
+
+def test_roy_vetterli_effective_rank_uses_singular_values_not_energies():
+    """Roy & Vetterli: p = σ/Σσ. On σ = (3, 1) that is p = (3/4, 1/4); the energy entropy rank uses
+    p = σ²/Σσ² = (9/10, 1/10) instead, and equals Roy & Vetterli's rank of WᵀW (singular values σ²)."""
+    s = singular_values(with_spectrum([3.0, 1.0]))
+    roy = np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25)))  # 1.7548
+    energy = np.exp(-(0.9 * np.log(0.9) + 0.1 * np.log(0.1)))  # 1.3836
+    assert roy_vetterli_effective_rank(s) == pytest.approx(roy, rel=1e-9)
+    assert entropy_effective_rank(s) == pytest.approx(energy, rel=1e-9)
+    assert abs(roy - energy) > 0.3
+    assert roy_vetterli_effective_rank(s**2) == pytest.approx(entropy_effective_rank(s), rel=1e-12)
+    # flat spectra: both are the rank; a zero matrix has rank 0
+    assert roy_vetterli_effective_rank(singular_values(with_spectrum([2.0] * 7))) == pytest.approx(7.0, rel=1e-9)
+    assert roy_vetterli_effective_rank(np.zeros(4)) == 0.0
+    # geometric σ_i = q^i: p_i = q^i (1 − q) / (1 − q^n)
+    q, n = 0.8, 30
+    sigma = q ** np.arange(n)
+    p = sigma / sigma.sum()
+    assert roy_vetterli_effective_rank(singular_values(with_spectrum(sigma))) == pytest.approx(
+        np.exp(-(p * np.log(p)).sum()), rel=1e-8)
 
 
 def test_participation_ratio_of_a_known_covariance():

@@ -3,8 +3,12 @@
 Each function names the definition it computes, so numbers can be compared across
 experiments and with the literature:
 
-* ``entropy_effective_rank`` — exp(H(p)) with p = σ² / Σσ² (Roy & Vetterli's effective rank
-  on the energy distribution of a matrix, or on eigenvalues λ passed as ``energies``);
+* ``roy_vetterli_effective_rank`` — exp(H(p)) with p = σ / Σσ: the effective rank of a matrix as
+  Roy & Vetterli (2007) define it, on its singular values;
+* ``entropy_effective_rank`` — exp(H(p)) with p = σ² / Σσ² (or p = λ / Σλ for eigenvalues λ
+  passed as ``energies``): the entropy rank of the *energy* spectrum. For a matrix W this is
+  Roy & Vetterli's effective rank of its Gram matrix WᵀW, not of W (the two differ unless
+  the nonzero σ are equal); for a covariance given by its eigenvalues it is theirs;
 * ``participation_ratio`` — (Σλ)² / Σλ² of eigenvalues λ (for a matrix: λ = σ²);
 * ``stable_rank`` — Σσ² / σ_max² = ‖A‖_F² / ‖A‖_2²;
 * ``condition_number`` — σ_max / σ_min over all min(m, n) singular values (inf when σ_min = 0);
@@ -54,14 +58,32 @@ def _energies(singular: np.ndarray | None, energies: np.ndarray | None) -> np.nd
     return np.clip(e, 0.0, None)
 
 
-def entropy_effective_rank(singular: np.ndarray | None = None, *, energies: np.ndarray | None = None) -> float:
-    """exp of the Shannon entropy of the normalised energy distribution p = σ²/Σσ²."""
-    e = _energies(singular, energies)
-    total = e.sum()
+def _entropy_rank(weights: np.ndarray) -> float:
+    """exp(H(p)) of p = weights / Σ weights (non-negative weights; 0 when they sum to 0)."""
+    total = weights.sum()
     if total <= 0:
         return 0.0
-    p = e[e > 0] / total
+    p = weights[weights > 0] / total
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def entropy_effective_rank(singular: np.ndarray | None = None, *, energies: np.ndarray | None = None) -> float:
+    """exp of the Shannon entropy of the normalised energy distribution p = σ²/Σσ² (p = λ/Σλ for eigenvalues).
+
+    Of a matrix W this is Roy & Vetterli's effective rank of WᵀW (of W itself see
+    :func:`roy_vetterli_effective_rank`); of covariance eigenvalues it is theirs.
+    """
+    return _entropy_rank(_energies(singular, energies))
+
+
+def roy_vetterli_effective_rank(singular: np.ndarray) -> float:
+    """Roy & Vetterli's effective rank of a matrix: exp(H(p)) with p = σ/Σσ over its singular values σ.
+
+    O. Roy and M. Vetterli, "The effective rank: a measure of effective dimensionality", EUSIPCO 2007.
+    Between 1 and the number of nonzero σ; n for n equal nonzero σ.
+    """
+    s = np.clip(np.asarray(singular, dtype=float), 0.0, None)
+    return _entropy_rank(s)
 
 
 def participation_ratio(singular: np.ndarray | None = None, *, energies: np.ndarray | None = None) -> float:

@@ -74,6 +74,32 @@ def test_planted_spectra_match_their_closed_forms(planted):
     assert geometric["condition_number"] == pytest.approx(Q**-31, rel=1e-3)
 
 
+def test_roy_vetterli_effective_rank_is_theirs(planted):
+    """Roy & Vetterli's effective rank uses p = σ/Σσ; the σ² (energy) entropy rank is a different number and
+    is not reported under their name."""
+    _, result = planted
+    geometric = row(result, "q.2")
+    sigma = Q ** np.arange(32)
+    p = sigma / sigma.sum()
+    roy = np.exp(-(p * np.log(p)).sum())
+    assert geometric["roy_vetterli_effective_rank"] == pytest.approx(roy, rel=1e-5)
+    assert geometric["roy_vetterli_effective_rank_ratio"] == pytest.approx(roy / 32, rel=1e-5)
+    assert abs(geometric["entropy_effective_rank"] - roy) > 0.5  # the energy entropy rank differs (≈ 3.9 vs 5.6)
+    assert row(result, "q.0")["roy_vetterli_effective_rank"] == pytest.approx(4.0, rel=1e-5)  # 4 equal σ
+    s = result.summary
+    assert "Roy & Vetterli's effective rank of W)" in s["definitions"]["roy_vetterli_effective_rank"]
+    assert "not of W" in s["definitions"]["entropy_effective_rank"]
+    assert s["roy_vetterli_effective_rank_ratio_q"] == pytest.approx(
+        result.table.query("type == 'q'")["roy_vetterli_effective_rank_ratio"].mean())
+
+
+def test_the_summary_says_the_numbers_are_exact_given_the_weights(planted):
+    s = planted[1].summary
+    assert s["uncertainty"]["method"] == "none: deterministic given the weights" and s["uncertainty"]["n_boot"] == 0
+    assert s["underpowered"] is False and s["underpowered_reasons"] == []
+    assert not any(key.endswith("_ci") for key in s)
+
+
 def test_singular_values_match_numpy_and_top_k_is_kept(planted):
     adapter, result = planted
     svs = result.singular_values

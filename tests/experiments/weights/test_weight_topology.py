@@ -12,8 +12,8 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.model.adapter import ModelAdapter
 from layerscope.experiments.weights.weight_topology import (
-    EXPERIMENT, correlation_matrix, mlp_neurons, norm_scales, position_structure, qk_circuit, qk_circuits,
-    to_result, weight_topology,
+    EXPERIMENT, cross_layer, gram_similarity_matrix, haar_squares, mlp_neurons, norm_scales, position_structure,
+    qk_circuit, qk_circuits, residual_gram, rotation_null, to_result, traceless, weight_topology,
 )
 from layerscope.jobs.writer import write_result
 from layerscope.engines.weights import WeightSource, weight_inventory
@@ -93,17 +93,122 @@ def test_planted_dead_and_degenerate_neurons():
         mlp_neurons(adapter, dead_ratio=0.5, degenerate_ratio=0.1)
 
 
-def test_cross_layer_correlation_matches_numpy_and_is_chunk_free():
+def dense_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Trace-free residual Gram cosine from dense numpy products (a, b: [hidden, d] on the residual side)."""
+    d = a.shape[1]
+    ga, gb = a.T @ a, b.T @ b
+    ga, gb = ga - np.trace(ga) / d * np.eye(d), gb - np.trace(gb) / d * np.eye(d)
+    return float((ga * gb).sum() / np.sqrt((ga * ga).sum() * (gb * gb).sum()))
+
+
+def test_gram_similarity_matches_numpy_and_is_chunk_free():
     g = torch.Generator().manual_seed(3)
     base = torch.randn(37, 11, generator=g)
-    mats = [base + 0.5 * torch.randn(37, 11, generator=g) + i for i in range(4)] + [torch.randn(37, 11, generator=g)]
-    expected = np.corrcoef(np.stack([m.double().flatten().numpy() for m in mats]))
-    np.testing.assert_allclose(correlation_matrix(mats), expected, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(correlation_matrix(mats, chunk_elements=13), expected, rtol=1e-10, atol=1e-12)
-    transposed = [m.T.contiguous().T for m in mats]  # strided views, as GPT-2's Conv1D gives
-    np.testing.assert_allclose(correlation_matrix(transposed, chunk_elements=30), expected, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="differ in shape"):
-        correlation_matrix([base, base[:5]])
+    mats = [base + 0.5 * torch.randn(37, 11, generator=g) for _ in range(3)] + [torch.randn(23, 11, generator=g)]
+    ref = np.array([[dense_similarity(a.double().numpy(), b.double().numpy()) for b in mats] for a in mats])
+    grams = [traceless(residual_gram(m, "in"))[0] for m in mats]
+    np.testing.assert_allclose(gram_similarity_matrix(grams), ref, rtol=1e-10, atol=1e-12)
+    small = [traceless(residual_gram(m, "in", chunk_elements=13))[0] for m in mats]
+    np.testing.assert_allclose(gram_similarity_matrix(small, chunk_elements=7), ref, rtol=1e-10, atol=1e-12)
+    # the output side: W Wᵀ of [d, hidden] (o, down) is WᵀW of its transpose; strided views as Conv1D gives
+    out_side = [traceless(residual_gram(m.T.contiguous().T.T, "out", chunk_elements=30))[0] for m in mats]
+    np.testing.assert_allclose(gram_similarity_matrix(out_side), ref, rtol=1e-10, atol=1e-12)
+
+
+def permute_hidden_units(adapter: ModelAdapter, src: int, dst: int, seed: int = 0) -> None:
+    """Make block ``dst`` a copy of block ``src`` with its MLP neurons and its heads (key/value heads with the
+    query heads they serve) permuted: the same block, computing the same function, hidden units reordered."""
+    f = adapter.facts
+    rng = np.random.default_rng(seed)
+    neurons = torch.as_tensor(rng.permutation(f.d_ff))
+    kv = rng.permutation(f.n_kv_heads)
+    hd, group = f.head_dim, f.gqa_group
+    q_heads = [g * group + r for g in kv for r in range(group)]
+    q_rows = torch.as_tensor([h * hd + i for h in q_heads for i in range(hd)])
+    kv_rows = torch.as_tensor([g * hd + i for g in kv for i in range(hd)])
+    a, b = adapter.attention(src), adapter.attention(dst)
+    m, n = adapter.mlp(src), adapter.mlp(dst)
+    with torch.no_grad():
+        b.q_proj.weight.copy_(a.q_proj.weight[q_rows])
+        b.k_proj.weight.copy_(a.k_proj.weight[kv_rows])
+        b.v_proj.weight.copy_(a.v_proj.weight[kv_rows])
+        b.o_proj.weight.copy_(a.o_proj.weight[:, q_rows])
+        n.gate_proj.weight.copy_(m.gate_proj.weight[neurons])
+        n.up_proj.weight.copy_(m.up_proj.weight[neurons])
+        n.down_proj.weight.copy_(m.down_proj.weight[:, neurons])
+
+
+def test_a_layer_with_permuted_hidden_units_has_similarity_one():
+    """The same block with its neurons and heads reordered: similarity 1 for every type. The old measure (Pearson
+    correlation of the flattened weights) gives ≈ 0 here, as for any two layers whose hidden units are unaligned."""
+    adapter = ModelAdapter(tiny_model("llama"))  # 4 query heads, 2 KV heads: GQA groups move together
+    permute_hidden_units(adapter, 0, 1)
+    source = WeightSource(adapter)
+    result = weight_topology(adapter, model="permuted", n_null=50)
+    for mtype in ("q", "k", "v", "o", "gate", "up", "down"):
+        assert result.similarities[mtype][0, 1] == pytest.approx(1.0, abs=1e-9), mtype
+        row = result.cross_layer.query("type == @mtype and layer_i == 0 and layer_j == 1").iloc[0]
+        assert row["p_value"] == pytest.approx(1 / 51)  # above every rotated draw
+        assert row["null_q95"] < 0.9
+    flat = {w.layer: source.matrix(w).double().flatten().numpy() for w in weight_inventory(adapter) if w.type == "up"}
+    assert abs(np.corrcoef(flat[0], flat[1])[0, 1]) < 0.2  # what the old cross-layer number reported
+    assert result.summary["cross_layer"]["up"]["strongest_adjacent"]["layers"] == [0, 1]
+    assert result.summary["cross_layer"]["up"]["strongest_adjacent"]["similarity"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_scaled_copies_have_similarity_one_and_unrelated_layers_sit_in_the_null():
+    adapter = ModelAdapter(tiny_model("llama"))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        adapter.mlp(1).up_proj.weight.copy_(adapter.mlp(0).up_proj.weight * 3.0)
+        for i in range(3):  # independent Gaussian gate matrices: no shared residual structure
+            adapter.mlp(i).gate_proj.weight.copy_(torch.randn(adapter.mlp(i).gate_proj.weight.shape, generator=g))
+    result = weight_topology(adapter, model="copies", n_null=200, seed=1)
+    assert result.similarities["up"][0, 1] == pytest.approx(1.0, abs=1e-9)
+    assert result.summary["cross_layer_adjacent_gram_similarity_up"] == pytest.approx(
+        (1.0 + result.similarities["up"][1, 2]) / 2)
+    gate = result.cross_layer.query("type == 'gate' and layer_j > layer_i")
+    assert (gate["p_value"] > 0.01).all()  # independent matrices are not more similar than rotated ones
+    assert (gate["gram_similarity"].abs() < gate["null_q95"] * 3).all()
+    assert gate["null_mean"].abs().max() < 0.05  # the null is centred on 0
+
+
+def test_rotation_null_equals_an_explicit_rotation_of_the_residual_basis():
+    """One draw of the null from eigenvalues: ⟨G̃_i, R G̃_j Rᵀ⟩ with R = U Q Vᵀ (U, V the eigenvectors)."""
+    rng = np.random.default_rng(7)
+    d = 9
+    a, b = rng.standard_normal((20, d)), rng.standard_normal((14, d)) * np.linspace(0.2, 3, d)
+    grams = [traceless(residual_gram(torch.as_tensor(m), "in")) for m in (a, b)]
+    (ga, la), (gb, lb) = grams
+    squares = haar_squares(d, 3, seed=2, workers=1)
+    null = rotation_null(np.stack([la, lb]), squares)
+    assert null.shape == (3, 2, 2)
+    # rebuild the Haar draw Q (same seed) and rotate G̃_b explicitly by R = U Q Vᵀ
+    g = torch.from_numpy(np.random.default_rng([2, 0xC105, d, 1]).standard_normal((d, d)))
+    q, r = torch.linalg.qr(g)
+    q = (q * torch.sign(torch.diagonal(r))).numpy()
+    np.testing.assert_allclose(q**2, squares[1], rtol=1e-12)
+    ea, u = np.linalg.eigh(ga.numpy())
+    eb, v = np.linalg.eigh(gb.numpy())
+    np.testing.assert_allclose([ea, eb], [la, lb], rtol=1e-9, atol=1e-9)
+    rot = u @ q @ v.T
+    rotated = rot @ gb.numpy() @ rot.T
+    explicit = (ga.numpy() * rotated).sum() / np.sqrt((ga.numpy() ** 2).sum() * (gb.numpy() ** 2).sum())
+    assert null[1, 0, 1] == pytest.approx(explicit, rel=1e-9, abs=1e-12)
+    # many draws: centred on 0
+    many = rotation_null(np.stack([la, lb]), haar_squares(d, 2000, seed=3, workers=1))[:, 0, 1]
+    assert abs(many.mean()) < 4 * many.std() / np.sqrt(len(many))
+
+
+def test_cross_layer_on_gpt2_uses_the_residual_side_of_conv1d_weights():
+    adapter = ModelAdapter(tiny_model("gpt2"))
+    source = WeightSource(adapter)
+    result = cross_layer(source, n_null=20, seed=0, workers=1)
+    d = adapter.facts.d_model
+    ws = {w.layer: source.matrix(w).double().numpy() for w in weight_inventory(adapter) if w.type == "down"}
+    assert ws[0].shape[0] == d  # [d_model, d_ff]: the residual is the output side
+    expected = dense_similarity(ws[0].T, ws[2].T)
+    assert result["down"].similarity[0, 2] == pytest.approx(expected, rel=1e-5)  # float32 storage of the Grams
 
 
 def test_norm_scales_apply_the_gemma_offset_and_include_every_norm():
@@ -162,22 +267,11 @@ def test_topology_on_every_family(family, tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == family
     metrics = pd.read_parquet(out["table_metrics"])
     assert list(metrics.columns) == ["model", "analysis", "matrix", "type", "layer", "index", "metric", "value"]
-    assert set(metrics["analysis"]) >= {"sparsity", "qk_circuit", "mlp_neurons", "cross_layer_correlation",
+    assert set(metrics["analysis"]) >= {"sparsity", "qk_circuit", "mlp_neurons", "cross_layer_gram_similarity",
                                         "norm_scale"}
-
-
-def test_cross_layer_correlation_of_identical_layers_is_one():
-    adapter = ModelAdapter(tiny_model("llama"))
-    with torch.no_grad():
-        for i in (1, 2):
-            adapter.mlp(i).up_proj.weight.copy_(adapter.mlp(0).up_proj.weight * (i + 1.0) + 0.5)  # affine copies
-    result = weight_topology(adapter, model="copies")
-    up = result.correlations["up"]
-    np.testing.assert_allclose(up, np.ones((3, 3)), rtol=1e-12)
-    assert result.summary["cross_layer_adjacent_correlation_up"] == pytest.approx(1.0)
-    ref = np.corrcoef(np.stack([WeightSource(adapter).matrix(w).double().flatten().numpy()
-                                for w in weight_inventory(adapter) if w.type == "q"]))
-    np.testing.assert_allclose(result.correlations["q"], ref, rtol=1e-10, atol=1e-12)
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["uncertainty"]["method"] == "none: deterministic given the weights"
+    assert written["cross_layer_null"]["n_null"] == 200
 
 
 def test_sparsity_counts_are_independent_of_the_row_blocks():

@@ -5,8 +5,11 @@ For each matrix of :func:`layerscope.engines.weights.weight_inventory` (block pr
 unembedding and BERT's pooler) the singular values are computed in float64 and summarised
 with the definitions of :mod:`layerscope.engines.spectra`, each named in its metric:
 
-* ``entropy_effective_rank`` — exp(H(p)), p = σ²/Σσ² (Roy & Vetterli), and
-  ``entropy_effective_rank_ratio`` = that / min(rows, cols);
+* ``roy_vetterli_effective_rank`` — exp(H(p)), p = σ/Σσ (Roy & Vetterli's effective rank), and
+  ``roy_vetterli_effective_rank_ratio`` = that / min(rows, cols);
+* ``entropy_effective_rank`` — exp(H(p)), p = σ²/Σσ² (the entropy rank of the energy spectrum:
+  Roy & Vetterli's effective rank of WᵀW, not of W), and ``entropy_effective_rank_ratio`` =
+  that / min(rows, cols); the layer jumps and degenerate matrices use this one;
 * ``participation_ratio`` — (Σσ²)² / Σσ⁴ (a rank: n for a flat spectrum);
 * ``stable_rank`` — Σσ² / σ_max²;
 * ``spectral_norm`` — σ_max; ``condition_number`` — σ_max / σ_min over all min(rows, cols)
@@ -16,6 +19,9 @@ Across depth, per block type: relative changes between consecutive layers
 ((x_{l+1} − x_l) / x_l) of the rank and norm metrics, the largest named; and *degenerate*
 matrices, whose entropy effective-rank ratio is below ``degenerate_fraction`` × the
 median ratio of their type.
+
+Every number is a function of the weights alone: the summary says so (``uncertainty``:
+deterministic given the weights) instead of giving intervals.
 """
 
 from __future__ import annotations
@@ -30,14 +36,21 @@ import pandas as pd
 import torch
 
 from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
-from layerscope.engines.spectra import condition_number, entropy_effective_rank, participation_ratio, singular_values, stable_rank
+from layerscope.engines.spectra import (
+    condition_number, entropy_effective_rank, participation_ratio, roy_vetterli_effective_rank, singular_values,
+    stable_rank,
+)
+from layerscope.engines.statistics import deterministic
 from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
 
 RANK_DEFINITIONS = {
-    "entropy_effective_rank": "exp(H(p)) with p = σ²/Σσ² (Roy & Vetterli's effective rank of the energy spectrum)",
+    "roy_vetterli_effective_rank": "exp(H(p)) with p = σ/Σσ (Roy & Vetterli's effective rank of W)",
+    "roy_vetterli_effective_rank_ratio": "roy_vetterli_effective_rank / min(rows, cols)",
+    "entropy_effective_rank": "exp(H(p)) with p = σ²/Σσ² (entropy rank of the energy spectrum; Roy & Vetterli's "
+                              "effective rank of WᵀW, not of W)",
     "entropy_effective_rank_ratio": "entropy_effective_rank / min(rows, cols)",
     "participation_ratio": "(Σσ²)² / Σσ⁴ (participation-ratio rank; n for n equal singular values)",
     "stable_rank": "Σσ² / σ_max² = ‖W‖_F² / ‖W‖_2²",
@@ -48,7 +61,8 @@ RANK_DEFINITIONS = {
     "degenerate": "entropy_effective_rank_ratio < degenerate_fraction × median ratio of the matrix type",
 }
 MATRIX_METRICS = (
-    "entropy_effective_rank", "entropy_effective_rank_ratio", "participation_ratio", "stable_rank", "spectral_norm",
+    "roy_vetterli_effective_rank", "roy_vetterli_effective_rank_ratio", "entropy_effective_rank",
+    "entropy_effective_rank_ratio", "participation_ratio", "stable_rank", "spectral_norm",
     "condition_number", "frobenius_norm", "sigma_min",
 )
 JUMP_METRICS = ("entropy_effective_rank", "participation_ratio", "stable_rank", "spectral_norm")
@@ -57,7 +71,10 @@ JUMP_METRICS = ("entropy_effective_rank", "participation_ratio", "stable_rank", 
 def spectrum_metrics(s: np.ndarray, rows: int, cols: int) -> dict[str, float]:
     """Every per-matrix number from its singular values (all min(rows, cols) of them)."""
     erank = entropy_effective_rank(s)
+    roy = roy_vetterli_effective_rank(s)
     return {
+        "roy_vetterli_effective_rank": roy,
+        "roy_vetterli_effective_rank_ratio": roy / min(rows, cols),
         "entropy_effective_rank": erank,
         "entropy_effective_rank_ratio": erank / min(rows, cols),
         "participation_ratio": participation_ratio(s),
@@ -175,6 +192,7 @@ def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_frac
             "entropy_effective_rank_ratio_mean": float(group["entropy_effective_rank_ratio"].mean()),
             "entropy_effective_rank_ratio_median": float(group["entropy_effective_rank_ratio"].median()),
             "entropy_effective_rank_ratio_min": float(group["entropy_effective_rank_ratio"].min()),
+            "roy_vetterli_effective_rank_ratio_mean": float(group["roy_vetterli_effective_rank_ratio"].mean()),
             "participation_ratio_mean": float(group["participation_ratio"].mean()),
             "stable_rank_mean": float(group["stable_rank"].mean()),
             "spectral_norm_mean": float(group["spectral_norm"].mean()),
@@ -192,9 +210,12 @@ def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_frac
         "n_matrices": int(len(table)),
         "n_block_matrices": int(len(blocks)),
         "entropy_effective_rank_ratio_mean": float(blocks["entropy_effective_rank_ratio"].mean()),
+        "roy_vetterli_effective_rank_ratio_mean": float(blocks["roy_vetterli_effective_rank_ratio"].mean()),
     }
     for mtype, info in by_type.items():
         summary[f"entropy_effective_rank_ratio_{mtype}"] = info["entropy_effective_rank_ratio_mean"]
+    for mtype, info in by_type.items():
+        summary[f"roy_vetterli_effective_rank_ratio_{mtype}"] = info["roy_vetterli_effective_rank_ratio_mean"]
     summary.update({
         "largest_jump_type": top[0]["type"] if top else None,
         "largest_jump_from_layer": top[0]["from_layer"] if top else None,
@@ -211,6 +232,7 @@ def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_frac
         "model_matrices": model_level,
         "definitions": RANK_DEFINITIONS,
         "params": {"top_k": top_k, "degenerate_fraction": degenerate_fraction, "jump_metric": "entropy_effective_rank"},
+        **deterministic("the weights"),
     })
     return summary
 

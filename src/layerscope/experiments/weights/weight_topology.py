@@ -16,8 +16,19 @@
   its output column (down), each divided by the layer's median of that norm; r = the
   smallest of those ratios. ``dead``: r < dead_ratio; ``degenerate``: dead_ratio ≤ r <
   degenerate_ratio.
-* **cross-layer correlation** — Pearson correlation of the flattened weights of the same
-  type in layers i and j, for all pairs (adjacent pairs summarised separately).
+* **cross-layer similarity** — hidden units (MLP neurons, heads and their dimensions) are
+  not aligned across layers, so entries of two layers' matrices cannot be compared one to
+  one (the Pearson correlation of flattened weights is ≈ 0 by construction). The residual
+  stream's basis *is* shared by every layer, so each matrix is compared on its residual
+  side: G = WᵀW for q k v gate up (the residual is the input), G = WWᵀ for o down (the
+  output), a d_model × d_model matrix that does not depend on the order or any rotation of
+  the hidden units. ``gram_similarity`` of layers i and j = ⟨G̃_i, G̃_j⟩_F / (‖G̃_i‖_F ‖G̃_j‖_F)
+  with G̃ = G − (tr G / d) I, the trace-free part (the isotropic part says nothing about
+  directions). 1 for the same matrix up to a permutation or rotation of hidden units and a
+  positive scale. Null: the same similarity after a Haar-random rotation of one layer's
+  residual basis (spectra kept, alignment destroyed): mean 0, ``n_null`` seeded draws,
+  computed exactly from the eigenvalues (see :func:`rotation_null`); per pair the null
+  mean, its 95th percentile and the empirical p-value.
 * **norm scales** — the effective per-dimension scale γ of every norm (Gemma's stored γ−1
   corrected by the adapter) across depth: mean, std, min, max, and the full vectors.
 * **position structure** — for learned absolute position embeddings (GPT-2 ``wpe``, BERT
@@ -39,7 +50,8 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
-from layerscope.engines.spectra import entropy_effective_rank, singular_values, stable_rank
+from layerscope.engines.spectra import entropy_effective_rank, gram_matrix, single_thread, singular_values, stable_rank
+from layerscope.engines.statistics import deterministic, empirical_p
 from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
@@ -53,7 +65,10 @@ DEFINITIONS = {
     "positive_energy_fraction": "Σ_{λ>0} λ² / Σ λ² over eigenvalues λ of (M + Mᵀ)/2",
     "entropy_effective_rank": "exp(H(p)), p = σ²/Σσ²; for QK circuits the ratio is to d_head (their maximal rank)",
     "neuron_ratio": "min over the neuron's input rows (gate, up) and output column (down) of norm / layer median",
-    "cross_layer_correlation": "Pearson correlation of the flattened weights of one type in two layers",
+    "residual_gram": "G = WᵀW (q k v gate up: residual = input) or W Wᵀ (o down: residual = output), d_model × d_model",
+    "gram_similarity": "⟨G̃_i, G̃_j⟩_F / (‖G̃_i‖_F ‖G̃_j‖_F), G̃ = G − (tr G / d) I, same matrix type in layers i, j",
+    "gram_similarity_null": "gram_similarity after a Haar-random rotation R of layer j's residual basis "
+                            "(G̃_j → R G̃_j Rᵀ); mean 0; p = (1 + #null ≥ observed) / (1 + n_null)",
     "norm_scale": "effective γ of a norm (adapter.norm_scale: Gemma's stored γ − 1 corrected)",
     "position_offset_cosine": "mean cosine between position embeddings p_i and p_{i+Δ} over i",
 }
@@ -206,45 +221,109 @@ def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: floa
     return pd.concat(parallel_map(layer_neurons, range(adapter.n_layers), workers), ignore_index=True)
 
 
-# ---------------------------------------------------------------------------- cross-layer correlation
+# ---------------------------------------------------------------------------- cross-layer similarity
+
+# the side of each block projection ([out, in]) that lives in the residual stream
+RESIDUAL_SIDE = {"q": "in", "k": "in", "v": "in", "gate": "in", "up": "in", "o": "out", "down": "out"}
 
 
-def correlation_matrix(matrices: list[torch.Tensor], chunk_elements: int = 1 << 20) -> np.ndarray:
-    """Pearson correlation of flattened equal-shape matrices, all pairs, streamed by row blocks.
+def residual_gram(matrix: torch.Tensor, side: str, chunk_elements: int = 1 << 20) -> torch.Tensor:
+    """The residual-side Gram matrix in float64: WᵀW when the residual is W's input, WWᵀ when it is its output.
 
-    About ``chunk_elements`` float64 values (over all matrices together) are held at once.
+    It sums over the hidden units (neurons, head dimensions), so it does not depend on their order or
+    on any orthogonal change of basis among them. Accumulated by blocks of hidden units.
     """
-    n = len(matrices)
-    shape = tuple(matrices[0].shape)
-    if any(tuple(m.shape) != shape for m in matrices):
-        raise ValueError(f"matrices of one type differ in shape: {[tuple(m.shape) for m in matrices]}")
-    rows_per_chunk = max(1, chunk_elements // max(1, shape[1] * n))
-    count = shape[0] * shape[1]
-    means = np.array([sum(float(b.double().sum()) for b in _row_blocks(m, chunk_elements)) / count
-                      for m in matrices])
-    gram = np.zeros((n, n))
-    for start in range(0, shape[0], rows_per_chunk):
-        block = torch.stack([m[start : start + rows_per_chunk].to(torch.float64).reshape(-1) for m in matrices])
-        block -= torch.from_numpy(means)[:, None]
-        gram += (block @ block.T).numpy()
-    scale = np.sqrt(np.clip(np.diag(gram), 0, None))
+    m = torch.as_tensor(matrix).detach()
+    hidden_major = m if side == "in" else m.T  # [hidden, d_model]
+    return gram_matrix(hidden_major, chunk_rows=max(1, chunk_elements // max(1, hidden_major.shape[1])))
+
+
+def traceless(gram: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+    """G − (tr G / d) I and its eigenvalues (those of G minus their mean)."""
+    d = gram.shape[0]
+    shifted = gram - torch.trace(gram) / d * torch.eye(d, dtype=gram.dtype)
+    return shifted, torch.linalg.eigvalsh(shifted).cpu().numpy()
+
+
+def gram_similarity_matrix(grams: list[torch.Tensor], chunk_elements: int = 1 << 20) -> np.ndarray:
+    """⟨G̃_i, G̃_j⟩_F / (‖G̃_i‖_F ‖G̃_j‖_F) for all pairs of trace-free Gram matrices G̃ (float64 sums)."""
+    n = len(grams)
+    flat = [g.reshape(-1) for g in grams]
+    size = flat[0].numel()
+    step = max(1, chunk_elements // max(1, n))
+    inner = torch.zeros((n, n), dtype=torch.float64)
+    with single_thread():  # the same sums whatever the thread count
+        for start in range(0, size, step):
+            block = torch.stack([f[start : start + step].to(torch.float64) for f in flat])
+            inner += block @ block.T
+    scale = np.sqrt(np.clip(np.diag(inner.numpy()), 0, None))
     with np.errstate(divide="ignore", invalid="ignore"):
-        corr = gram / np.outer(scale, scale)
-    return corr
+        return inner.numpy() / np.outer(scale, scale)
 
 
-def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: int | None = None
-                ) -> dict[str, np.ndarray]:
-    """Per block type: the layers × layers Pearson correlation of its weights."""
-    inventory = [w for w in weight_inventory(source.adapter) if w.layer is not None]
+def haar_squares(d: int, n: int, *, seed: int, workers: int | None = None) -> list[np.ndarray]:
+    """n matrices Q∘Q (entrywise squares) of Haar-random orthogonal d × d matrices Q, seeded."""
+
+    def draw(i):
+        g = torch.from_numpy(np.random.default_rng([int(seed), 0xC105, int(d), int(i)]).standard_normal((d, d)))
+        q, r = torch.linalg.qr(g)
+        return ((q * torch.sign(torch.diagonal(r))) ** 2).numpy()  # the sign fix makes Q Haar-distributed
+
+    return parallel_map(draw, range(int(n)), workers)
+
+
+def rotation_null(eigenvalues: np.ndarray, squares: list[np.ndarray]) -> np.ndarray:
+    """The similarity of every pair of layers after a Haar-random rotation R of one layer's residual basis.
+
+    For G̃_i = U Λ Uᵀ and G̃_j = V M Vᵀ, ⟨G̃_i, R G̃_j Rᵀ⟩ = Σ_ab λ_a (Q_ab)² μ_b with Q = Uᵀ R V, itself
+    Haar-distributed when R is: one draw of Q∘Q gives the rotated similarity of every pair from the
+    eigenvalues alone. ``eigenvalues``: [n_layers, d] of the trace-free Grams. Returns
+    [n_draws, n_layers, n_layers]. The null mean is 0 (E[Q∘Q] = 11ᵀ/d and Σλ = 0).
+    """
+    lam = np.asarray(eigenvalues, dtype=float)
+    norms = np.linalg.norm(lam, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = lam / norms[:, None]
+    return np.stack([unit @ sq @ unit.T for sq in squares])
+
+
+@dataclass
+class CrossLayer:
+    similarity: np.ndarray  # [n_layers, n_layers] residual Gram similarity
+    null: np.ndarray  # [n_null, n_layers, n_layers] the same after a random rotation of one layer's residual basis
+    layers: list[int]
+
+
+def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: int | None = None, *,
+                n_null: int = 200, seed: int = 0) -> dict[str, CrossLayer]:
+    """Per block type: the layers × layers residual Gram similarity and its random-rotation null."""
+    adapter = source.adapter
+    d = adapter.facts.d_model
+    inventory = [w for w in weight_inventory(adapter) if w.layer is not None and w.type in RESIDUAL_SIDE]
     groups = {}
     for mtype in [t for t in PROJECTION_TYPES if any(w.type == t for w in inventory)]:
         group = sorted((w for w in inventory if w.type == mtype), key=lambda w: w.layer)
         if len(group) >= 2:
             groups[mtype] = group
-    results = parallel_map(lambda g: correlation_matrix([source.matrix(w) for w in g], chunk_elements),
-                           groups.values(), workers)
-    return dict(zip(groups, results))
+    if not groups:
+        return {}
+
+    def layer_gram(w):
+        m = source.matrix(w)
+        side = RESIDUAL_SIDE[w.type]
+        if (m.shape[1] if side == "in" else m.shape[0]) != d:
+            raise LayerscopeError(f"weight_topology: {w.name} {tuple(m.shape)} has no residual side of size {d}")
+        shifted, eig = traceless(residual_gram(m, side, chunk_elements))
+        return shifted.to(torch.float32), eig  # float32 storage: L·d² values per type, summed in float64
+
+    squares = haar_squares(d, n_null, seed=seed, workers=workers) if n_null > 0 else []
+    out = {}
+    for mtype, group in groups.items():
+        grams, eigs = zip(*parallel_map(layer_gram, group, workers))
+        eig = np.stack(eigs)
+        null = rotation_null(eig, squares) if squares else np.zeros((0, len(group), len(group)))
+        out[mtype] = CrossLayer(gram_similarity_matrix(list(grams), chunk_elements), null, [w.layer for w in group])
+    return out
 
 
 # ---------------------------------------------------------------------------- norm scales
@@ -317,6 +396,25 @@ def position_structure(table: torch.Tensor, offsets_reported=(1, 2, 4, 8, 16, 32
     return stats, curve, norms.numpy(), cos
 
 
+CROSS_LAYER_METRICS = ("gram_similarity", "null_mean", "null_q95", "p_value")
+
+
+def cross_layer_table(similarities: dict[str, CrossLayer]) -> pd.DataFrame:
+    """One row per ordered pair of distinct layers of one type: similarity and its rotation null."""
+    rows = []
+    for mtype, c in similarities.items():
+        n = len(c.layers)
+        for i in range(n):
+            for j in range(n):
+                if i == j:
+                    continue
+                observed = float(c.similarity[i, j])
+                draws = c.null[:, i, j]
+                rows.append((mtype, c.layers[i], c.layers[j], observed, float(draws.mean()),
+                             float(np.quantile(draws, 0.95)), empirical_p(observed, draws)))
+    return pd.DataFrame(rows, columns=["type", "layer_i", "layer_j", *CROSS_LAYER_METRICS])
+
+
 # ---------------------------------------------------------------------------- the experiment
 
 
@@ -331,7 +429,7 @@ class TopologyResult:
     norm_scales: pd.DataFrame
     position: pd.DataFrame
     summary: dict
-    correlations: dict  # type -> matrix (for the figure)
+    similarities: dict  # type -> layers × layers residual Gram similarity (for the figure)
     position_tables: dict  # name -> (norms, cosine matrix) (for the figure)
 
 
@@ -364,6 +462,8 @@ def weight_topology(
     degenerate_ratio: float = 0.1,
     chunk_elements: int = 1 << 20,
     workers: int | None = None,
+    n_null: int = 200,
+    seed: int = 0,
 ) -> TopologyResult:
     f = adapter.facts
     source = WeightSource(adapter)
@@ -384,13 +484,9 @@ def weight_topology(
             per_layer_neurons[status] = 0
     per_layer_neurons = per_layer_neurons.reset_index()
 
-    log.info("cross-layer correlation")
-    correlations = cross_layer(source, chunk_elements, workers)
-    corr_rows = []
-    for mtype, corr in correlations.items():
-        n = corr.shape[0]
-        corr_rows += [(mtype, i, j, float(corr[i, j])) for i in range(n) for j in range(n)]
-    corr_frame = pd.DataFrame(corr_rows, columns=["type", "layer_i", "layer_j", "correlation"])
+    log.info("cross-layer residual Gram similarity (%d random rotations)", n_null)
+    similarities = cross_layer(source, chunk_elements, workers, n_null=n_null, seed=seed)
+    corr_frame = cross_layer_table(similarities)
 
     log.info("norm scales and position structure")
     scales = norm_scales(adapter)
@@ -414,8 +510,8 @@ def weight_topology(
         _tidy("sparsity", per_matrix, sparsity_cols, type_col="type", matrix_col="matrix"),
         _tidy("qk_circuit", qk, QK_METRICS, type_value="qk", index_col="head"),
         _tidy("mlp_neurons", per_layer_neurons, ["dead", "degenerate", "ok"], type_value="mlp"),
-        _tidy("cross_layer_correlation", corr_frame, ["correlation"], type_col="type", layer_col="layer_i",
-              index_col="layer_j"),
+        _tidy("cross_layer_gram_similarity", corr_frame, list(CROSS_LAYER_METRICS), type_col="type",
+              layer_col="layer_i", index_col="layer_j"),
         _tidy("norm_scale", scale_stats, ["mean", "std", "min", "max", "abs_mean"], type_col="role"),
     ]
     for name, stats in position_stats.items():
@@ -427,15 +523,15 @@ def weight_topology(
 
     summary = _summary(
         adapter, model=model, sparsity_by_type=sparsity_by_type, sparsity_overall=sparsity_overall, qk=qk,
-        neurons=neurons, per_layer_neurons=per_layer_neurons, correlations=correlations, scale_stats=scale_stats,
-        position_stats=position_stats,
+        neurons=neurons, per_layer_neurons=per_layer_neurons, similarities=similarities, cross_frame=corr_frame,
+        scale_stats=scale_stats, position_stats=position_stats,
         params={"abs_thresholds": list(abs_thresholds), "rms_thresholds": list(rms_thresholds),
-                "dead_ratio": dead_ratio, "degenerate_ratio": degenerate_ratio},
+                "dead_ratio": dead_ratio, "degenerate_ratio": degenerate_ratio, "n_null": n_null, "seed": seed},
     )
     for frame in (per_matrix, qk, qk_spectra, neurons, corr_frame, scales, position):
         frame.insert(0, "model", model)
     return TopologyResult(metrics, per_matrix, qk, qk_spectra, neurons, corr_frame, scales, position, summary,
-                          correlations, position_tables)
+                          {t: c.similarity for t, c in similarities.items()}, position_tables)
 
 
 def _offdiag(corr: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -445,20 +541,31 @@ def _offdiag(corr: np.ndarray, k: int | None = None) -> np.ndarray:
     return corr[~np.eye(n, dtype=bool)]
 
 
-def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons, per_layer_neurons, correlations,
-             scale_stats, position_stats, params) -> dict:
+def _pair(row) -> dict:
+    return {"layers": [int(row["layer_i"]), int(row["layer_j"])], "similarity": float(row["gram_similarity"]),
+            "null_q95": float(row["null_q95"]), "p_value": float(row["p_value"])}
+
+
+def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons, per_layer_neurons, similarities,
+             cross_frame, scale_stats, position_stats, params) -> dict:
     f = adapter.facts
     n_neurons = len(neurons)
     qk_sorted = qk.sort_values("symmetric_energy_fraction")
     cross = {}
-    for mtype, corr in correlations.items():
-        adjacent = _offdiag(corr, 1)
-        k = int(np.argmax(np.abs(adjacent)))
+    n_null = params["n_null"]
+    adjacent_all = cross_frame[cross_frame["layer_j"] == cross_frame["layer_i"] + 1]
+    floor = 1 / (1 + n_null)  # the smallest p-value the null can give: above every rotated draw
+    for mtype, c in similarities.items():
+        adjacent = adjacent_all[adjacent_all["type"] == mtype].sort_values("gram_similarity")
+        upper = cross_frame[(cross_frame["type"] == mtype) & (cross_frame["layer_j"] > cross_frame["layer_i"])]
         cross[mtype] = {
-            "adjacent_mean": float(adjacent.mean()),
-            "all_pairs_mean": float(_offdiag(corr).mean()),
-            "all_pairs_mean_abs": float(np.abs(_offdiag(corr)).mean()),
-            "strongest_adjacent": {"layers": [k, k + 1], "correlation": float(adjacent[k])},
+            "adjacent_mean": float(adjacent["gram_similarity"].mean()),
+            "all_pairs_mean": float(upper["gram_similarity"].mean()),
+            "adjacent_null_q95_mean": float(adjacent["null_q95"].mean()),
+            "n_adjacent": int(len(adjacent)),
+            "n_adjacent_above_null": int((adjacent["p_value"] <= floor + 1e-12).sum()),
+            "strongest_adjacent": _pair(adjacent.iloc[-1]),
+            "weakest_adjacent": _pair(adjacent.iloc[0]),
         }
     block_scales = scale_stats[scale_stats["layer"].notna()]
     norms = {}
@@ -488,13 +595,16 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
         "mlp_dead_neurons": int((neurons["status"] == "dead").sum()),
         "mlp_degenerate_neurons": int((neurons["status"] == "degenerate").sum()),
         "mlp_dead_fraction": float((neurons["status"] == "dead").mean()) if n_neurons else None,
-        "cross_layer_adjacent_correlation_mean": (float(np.mean([c["adjacent_mean"] for c in cross.values()]))
-                                                  if cross else None),
-        "cross_layer_all_pairs_correlation_mean": (float(np.mean([c["all_pairs_mean"] for c in cross.values()]))
-                                                   if cross else None),
+        "cross_layer_adjacent_gram_similarity_mean": (float(np.mean([c["adjacent_mean"] for c in cross.values()]))
+                                                      if cross else None),
+        "cross_layer_all_pairs_gram_similarity_mean": (float(np.mean([c["all_pairs_mean"] for c in cross.values()]))
+                                                       if cross else None),
+        "cross_layer_adjacent_null_q95_mean": float(adjacent_all["null_q95"].mean()) if cross else None,
+        "cross_layer_adjacent_above_null_fraction": (float((adjacent_all["p_value"] <= floor + 1e-12).mean())
+                                                     if cross else None),
     })
     for mtype, info in cross.items():
-        summary[f"cross_layer_adjacent_correlation_{mtype}"] = info["adjacent_mean"]
+        summary[f"cross_layer_adjacent_gram_similarity_{mtype}"] = info["adjacent_mean"]
     if len(block_scales):
         first = block_scales[block_scales["layer"] == block_scales["layer"].min()]
         last = block_scales[block_scales["layer"] == block_scales["layer"].max()]
@@ -518,10 +628,16 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
             "degenerate": [int(v) for v in per_layer_neurons["degenerate"]],
         },
         "cross_layer": cross,
+        "cross_layer_null": {
+            "method": "Haar-random orthogonal rotation of one layer's residual basis (spectra kept, alignment "
+                      "with the shared residual basis destroyed); exact from the eigenvalues",
+            "n_null": n_null, "seed": params["seed"], "mean": 0.0,
+        },
         "norm_scales": norms,
         "position_embeddings": position_stats,
         "definitions": DEFINITIONS,
         "params": params,
+        **deterministic("the weights"),
     })
     return summary
 
@@ -570,32 +686,34 @@ def plot_qk(result: TopologyResult, path: str | Path) -> None:
 def plot_cross_layer(result: TopologyResult, path: str | Path) -> None:
     from layerscope.report.plotting import figure, save
 
-    types = list(result.correlations)
+    types = list(result.similarities)
     ncols = max(1, min(4, len(types)))
     nrows = max(1, int(np.ceil(len(types) / ncols)))
     with figure(nrows, ncols, width=3.0 * ncols + 0.8, height=2.8 * nrows + 0.5) as (fig, axes):
         axes = np.atleast_1d(axes).ravel()
         image = None
         # the diagonal (= 1) is left blank so the off-diagonal structure gets the whole colour range
-        scale = max([0.05] + [float(np.nanmax(np.abs(_offdiag(c)))) for c in result.correlations.values()])
+        scale = max([0.05] + [float(np.nanmax(np.abs(_offdiag(c)))) for c in result.similarities.values()])
         for ax, mtype in zip(axes, types):
-            shown = result.correlations[mtype].copy()
+            shown = result.similarities[mtype].copy()
             np.fill_diagonal(shown, np.nan)
             image = ax.imshow(shown, vmin=-scale, vmax=scale, cmap="RdBu_r", origin="lower",
                               interpolation="nearest")
-            adj = result.summary["cross_layer"][mtype]["adjacent_mean"]
-            ax.set_title(f"{mtype} (adjacent mean {adj:+.3f})")
+            info = result.summary["cross_layer"][mtype]
+            ax.set_title(f"{mtype}: adjacent {info['adjacent_mean']:+.3f} (null q95 {info['adjacent_null_q95_mean']:.3f})",
+                         fontsize="small")
             ax.set_xlabel("layer")
             ax.set_ylabel("layer")
             ax.grid(False)
         for ax in axes[len(types):]:
             ax.set_visible(False)
         if image is not None:
-            fig.colorbar(image, ax=axes[len(types) - 1], label="Pearson correlation")
+            fig.colorbar(image, ax=axes[len(types) - 1], label="residual Gram similarity")
         else:
             axes[0].text(0.5, 0.5, "fewer than two layers: no cross-layer pairs", ha="center", va="center")
-        fig.suptitle(f"cross-layer Pearson correlation of same-type weights — {result.summary['model']} "
-                     "(diagonal = 1 left blank)")
+        fig.suptitle(f"cross-layer similarity of same-type weights on the shared residual side — "
+                     f"{result.summary['model']} (trace-free Gram cosine; random-rotation null mean 0; "
+                     "diagonal = 1 left blank)")
         save(fig, path)
 
 
@@ -678,6 +796,7 @@ def run(job: Job) -> Result:
         adapter, model=job.model, abs_thresholds=tuple(params["abs_thresholds"]),
         rms_thresholds=tuple(params["rms_thresholds"]), dead_ratio=params["dead_ratio"],
         degenerate_ratio=params["degenerate_ratio"], chunk_elements=params["chunk_elements"],
+        n_null=params["n_null"], seed=params["seed"],
     )
     return to_result(result)
 
@@ -697,9 +816,10 @@ def to_result(result: TopologyResult) -> Result:
 EXPERIMENT = Experiment(
     name="weight_topology",
     family="weights",
-    description="sparsity, QK circuits, MLP neurons, cross-layer correlation, norm scales, positions",
-    description_long="Sparsity, per-head QK circuits, dead/degenerate MLP neurons, cross-layer weight "
-                     "correlation, norm scales and learned position structure (weights only).",
+    description="sparsity, QK circuits, MLP neurons, cross-layer similarity, norm scales, positions",
+    description_long="Sparsity, per-head QK circuits, dead/degenerate MLP neurons, cross-layer similarity of "
+                     "same-type weights on the shared residual side (against a random-rotation null), norm "
+                     "scales and learned position structure (weights only).",
     needs="any",
     data="weights",
     gpu=False,
@@ -708,7 +828,7 @@ EXPERIMENT = Experiment(
     tables=("metrics", "sparsity", "qk_circuits", "qk_spectra", "mlp_neurons", "cross_layer", "norm_scales",
             "position"),
     figures=(Figure("qk_circuits", "QK circuit spectra and symmetry"),
-             Figure("cross_layer", "cross-layer correlation"),
+             Figure("cross_layer", "cross-layer residual Gram similarity"),
              Figure("norm_scales", "norm scales across depth"),
              Figure("position", "position embeddings")),
     params={
@@ -744,10 +864,17 @@ EXPERIMENT = Experiment(
         },
         "chunk_elements": {
             "description": "Weights converted to float64 at once by the sparsity count and the cross-layer "
-                           "correlation (memory, not results).",
+                           "Gram matrices (memory, not results).",
             "type": "integer",
             "minimum": 1024,
             "default": 1048576,
+        },
+        "n_null": {
+            "description": "Haar-random rotations of one layer's residual basis in the null of the cross-layer "
+                           "Gram similarity (seeded by seed; one d_model x d_model QR each, shared by all pairs).",
+            "type": "integer",
+            "minimum": 1,
+            "default": 200,
         },
     },
     threads=2,

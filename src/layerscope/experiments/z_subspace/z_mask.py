@@ -17,8 +17,15 @@ orthonormal k × d basis (Haar-distributed, seeded by (seed, layer, k)) is the c
 Layers are given absolutely (integers; negative counts from the end) or as fractions of
 depth (floats in [0, 1]: layer = floor(f · L + 0.5), capped at L − 1); ``resid.ℓ`` — the
 input of block ℓ — is the residual the mask applies to. k values are capped at d_model.
-Optionally (``fold_norm``) the attention input norm's scale γ is folded into W_Q and W_K
-(W ← W diag(γ)), making Z a set of directions of the residual stream before the norm.
+
+Coordinates: every reader projects ``resid.ℓ``, the residual *before* the attention input
+norm, so the circuit is taken in those coordinates. W_Q and W_K act on the normed residual
+γ ⊙ x / rms(x) (RMSNorm) or γ ⊙ C x / σ(x) + β (LayerNorm, C = I − 11ᵀ/d the centring), so
+the mask folds the norm into them: W ← W diag(γ) (and W ← W diag(γ) C for LayerNorm). The
+per-token scalar 1/rms (1/σ) changes no direction, and the constant β acts like a bias and
+is left out with the biases. (Earlier versions built Z from the raw W_Q, W_K — directions of
+the *normed* residual — and applied it to the pre-norm residual unless ``fold_norm`` was set:
+with a non-uniform γ that is a different subspace. A mask file written that way is refused.)
 
 Computation: for W_Q^hᵀ = Q_q R_q and W_K^gᵀ = Q_k R_k (thin QR), M_h = Q_q (R_q R_kᵀ) Q_kᵀ,
 so the SVD of the small head_dim × head_dim core gives M_h's singular values and its right
@@ -44,14 +51,18 @@ from layerscope.model.adapter import ModelAdapter
 from layerscope.jobs.io import atomic_path
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.engines.spectra import entropy_effective_rank
+from layerscope.engines.statistics import deterministic
 
 log = logging.getLogger(__name__)
 
 MASK_FILE = "z_mask.safetensors"
 DEFINITION = (
     "V_Z: top-k right singular vectors of the stack of every query head's top-k right singular vectors of "
-    "its QK circuit W_Q^T W_K (GQA heads mapped to their KV head); rows orthonormal; applies to resid.layer"
+    "its QK circuit (W_Q diag(g))^T (W_K diag(g)), the attention input norm's scale g folded in (and its centring "
+    "for LayerNorm), so that Z is in the coordinates of resid.layer, which it applies to (GQA heads mapped to their "
+    "KV head); rows orthonormal"
 )
+COORDINATES = "residual"  # the mask file's metadata: the coordinates its bases live in
 
 
 class ZMaskError(LayerscopeError):
@@ -112,17 +123,40 @@ def qk_svd(w_q: torch.Tensor, w_k: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return s, (qk @ vh.T).T
 
 
+def norm_fold(adapter: ModelAdapter, layer: int) -> torch.Tensor:
+    """The d × d map F with W_Q · normed residual = (W_Q F) · residual up to a per-token scalar and a constant.
+
+    RMSNorm: F = diag(γ); LayerNorm: F = diag(γ) C, C = I − 11ᵀ/d (its centring). γ = 1 for a norm
+    without a scale. Raises for a block with no attention input norm (nothing says how the
+    circuit's input relates to resid.ℓ).
+    """
+    facts = adapter.facts
+    norm = adapter.block_norms(layer).get("attn")
+    if norm is None:
+        raise ZMaskError(f"block {layer} of this {facts.model_type} model has no attention input norm: the Z-mask is "
+                         "defined for pre-norm decoders")
+    d = facts.d_model
+    gamma = (adapter.norm_scale(norm).to(torch.float64) if getattr(norm, "weight", None) is not None
+             else torch.ones(d, dtype=torch.float64))
+    fold = torch.diag(gamma)
+    if facts.norm_type == "layernorm":
+        fold = fold @ (torch.eye(d, dtype=torch.float64) - torch.full((d, d), 1.0 / d, dtype=torch.float64))
+    return fold
+
+
 def head_circuits(adapter: ModelAdapter, layer: int, *, fold_norm: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(singular values, right singular vectors) of every query head's QK circuit at block ``layer``."""
+    """(singular values, right singular vectors) of every query head's QK circuit at block ``layer``.
+
+    ``fold_norm=False``: the raw weights' circuit W_Qᵀ W_K, whose right singular vectors are
+    directions of the *normed* residual. ``fold_norm=True``: (W_Q F)ᵀ (W_K F) with F =
+    :func:`norm_fold`, directions of the residual ``resid.ℓ`` itself — what the mask uses.
+    """
     facts = adapter.facts
     proj = adapter.projections(layer)
     w_q, w_k = proj["q"].to(torch.float64), proj["k"].to(torch.float64)
     if fold_norm:
-        norm = adapter.block_norms(layer).get("attn")
-        if norm is None or getattr(norm, "weight", None) is None:
-            raise ZMaskError(f"fold_norm: block {layer} of this {facts.model_type} model has no attention input norm scale")
-        gamma = adapter.norm_scale(norm).to(torch.float64)
-        w_q, w_k = w_q * gamma, w_k * gamma
+        fold = norm_fold(adapter, layer)
+        w_q, w_k = w_q @ fold, w_k @ fold
     hd = facts.head_dim
     expected_q, expected_k = facts.n_heads * hd, facts.n_kv_heads * hd
     if w_q.shape != (expected_q, facts.d_model) or w_k.shape != (expected_k, facts.d_model):
@@ -228,6 +262,7 @@ class ZMask:
             "d_model": str(self.d_model),
             "n_layers": str(self.n_layers),
             "definition": DEFINITION,
+            "coordinates": COORDINATES,
             "layerscope_version": __version__,
         }
         with atomic_path(path) as tmp:
@@ -246,6 +281,11 @@ class ZMask:
                 layers, ks = json.loads(meta["layers"]), json.loads(meta["k"])
             except KeyError as exc:
                 raise ZMaskError(f"{path}: not a layerscope Z-mask (metadata {exc} missing)") from None
+            if meta.get("coordinates") != COORDINATES:
+                raise ZMaskError(
+                    f"{path}: this Z-mask was built from the raw W_Q, W_K (directions of the normed residual, "
+                    f"fold_norm={meta.get('fold_norm')}) but is applied to resid.layer; re-run the z_mask rule"
+                )
             bases = {(l, k): f.get_tensor(f"z.{l}.{k}") for l in layers for k in ks}
             randoms = {(l, k): f.get_tensor(f"random.{l}.{k}") for l in layers for k in ks}
         return cls(layers, ks, int(meta["d_model"]), int(meta["n_layers"]), bases, randoms, meta)
@@ -271,7 +311,7 @@ class ZMaskResult:
 
 
 def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], k: Sequence[int],
-           fold_norm: bool = False, seed: int = 0) -> ZMaskResult:
+           seed: int = 0) -> ZMaskResult:
     facts = adapter.facts
     if facts.kind != "decoder":
         raise ZMaskError("z_mask is defined for decoders (the suite patches generation)")
@@ -281,7 +321,7 @@ def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], 
     head_ranks = np.zeros((n_layers, facts.n_heads))
     circuits_at: dict[int, list] = {}
     for layer in range(n_layers):
-        circuits = head_circuits(adapter, layer, fold_norm=fold_norm)
+        circuits = head_circuits(adapter, layer, fold_norm=True)
         head_ranks[layer] = [entropy_effective_rank(s.cpu().numpy()) for s, _ in circuits]
         if layer in resolved_layers:
             circuits_at[layer] = circuits
@@ -321,8 +361,8 @@ def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], 
     frame = frame.astype({"head": "Int64", "k": "Int64"})
     frame.insert(0, "model", model)
 
-    metadata = {"model": model, "fold_norm": fold_norm, "seed": seed, "layer_spec": json.dumps(list(layers)),
-                "model_type": facts.model_type}
+    metadata = {"model": model, "seed": seed, "layer_spec": json.dumps(list(layers)), "model_type": facts.model_type,
+                "norm_folded": facts.norm_type}
     mask = ZMask(resolved_layers, ks, d, n_layers, bases, randoms, metadata)
     labels = [f"L{c['layer']}/k{c['k']}" for c in combos]
     summary = {
@@ -333,7 +373,8 @@ def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], 
         "n_heads": facts.n_heads,
         "n_kv_heads": facts.n_kv_heads,
         "head_dim": facts.head_dim,
-        "fold_norm": fold_norm,
+        "coordinates": "resid.layer (before the attention input norm): the norm's scale γ folded into W_Q and W_K"
+                       + (" with its centring" if facts.norm_type == "layernorm" else ""),
         "layer_spec": list(layers),
         "layers": resolved_layers,
         "k": ks,
@@ -344,6 +385,7 @@ def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], 
         "by_combo": combos,
         "layer_overlaps": overlaps,
         "qk_effective_rank_per_layer": head_ranks.mean(axis=1).tolist(),
+        **deterministic("the weights"),
     }
     return ZMaskResult(mask, frame, summary, head_ranks, stack_spectra)
 
@@ -371,8 +413,8 @@ def plot_spectra(result: ZMaskResult, path: str | Path) -> None:
         axes[1].set_xlabel("directions of the stacked per-head bases (dotted: k)")
         axes[1].set_ylabel("cumulative fraction of stacked energy")
         axes[1].legend(loc="lower right")
-        fig.suptitle(f"Z-mask of {s['model']}: QK circuits per block, and how much of all heads' "
-                     f"top-{max(s['k'])} key directions a shared k-dim Z captures")
+        fig.suptitle(f"Z-mask of {s['model']}: norm-folded QK circuits per block (Z in resid.ℓ coordinates), and how "
+                     f"much of all heads' top-{max(s['k'])} key directions a shared k-dim Z captures")
         save(fig, path)
 
 
@@ -382,8 +424,7 @@ def run(job: Job) -> Result:
 
     params = job.params
     adapter = load_model(job.input("model"), dtype="float32", device="cpu", kind="decoder")
-    result = z_mask(adapter, model=job.model, layers=params["layers"], k=params["k"], fold_norm=params["fold_norm"],
-                    seed=params["seed"])
+    result = z_mask(adapter, model=job.model, layers=params["layers"], k=params["k"], seed=params["seed"])
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics},
@@ -397,9 +438,9 @@ EXPERIMENT = Experiment(
     family="z_subspace",
     description="QK-circuit subspace Z per layer and k",
     description_long="The z_subspace suite's mask, from the weights: per layer and k, V_Z = top-k right singular "
-                     "vectors of the stacked top-k right singular vectors of every head's QK circuit W_Q^T W_K, and a "
-                     "seeded random subspace of the same size. Its layers and k are those of every z_subspace "
-                     "experiment.",
+                     "vectors of the stacked top-k right singular vectors of every head's QK circuit W_Q^T W_K (the "
+                     "attention norm folded in, so Z lives in the residual it is applied to), and a seeded random "
+                     "subspace of the same size. Its layers and k are those of every z_subspace experiment.",
     needs="decoder",
     data="weights",
     gpu=False,
@@ -428,12 +469,6 @@ EXPERIMENT = Experiment(
                 "minimum": 1,
             },
             "default": [20, 50],
-        },
-        "fold_norm": {
-            "description": "Fold the attention input norm's scale into W_Q and W_K (Z in pre-norm residual "
-                           "coordinates). Off: the circuit of the raw weights (the mask's definition).",
-            "type": "boolean",
-            "default": False,
         },
     },
     threads=1,
