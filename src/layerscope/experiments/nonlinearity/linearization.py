@@ -684,7 +684,7 @@ EXPERIMENT = Experiment(
                                        'categories); the unit of the bootstrap intervals.',
                         'type': 'integer',
                         'minimum': 1,
-                        'default': 2},
+                        'default': 7},
         'tokens_per_sequence': {'description': 'Completion tokens sampled per prompt (prompt tokens for encoders).',
                                 'type': 'integer',
                                 'minimum': 1,
