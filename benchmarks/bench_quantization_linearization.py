@@ -46,14 +46,16 @@ def random_cache(adapter, tokenizer, folder: Path, n: int = 4, length: int = 96)
     return ActivationCache(folder)
 
 
-def bench_quantization(adapter, cache, prompts: int, bits: int) -> None:
+def bench_quantization(adapter, cache, prompts: int, bits: int, max_target_tokens: int | None = None) -> None:
     import numpy as np
 
+    from layerscope.engines.sampling import sample_cache_prompts
     from layerscope.engines.surgery import LossEvaluator
     from layerscope.engines.weights import WeightEditor
     from layerscope.experiments.nonlinearity.quantization import rtn
 
-    ev = LossEvaluator(adapter, cache, max_prompts=prompts)
+    prompt_ids, _ = sample_cache_prompts(cache.tokens, prompts, seed=0)  # stratified, as the experiment draws them
+    ev = LossEvaluator(adapter, cache, prompt_ids=prompt_ids, max_target_tokens=max_target_tokens)
     editor = WeightEditor(adapter)
     identity = list(range(adapter.n_layers))
     results = {}
@@ -81,7 +83,7 @@ def bench_linearization(adapter, cache, layer: int, tokens: int, directions: int
 
     adapter.use_attention("eager")
     adapter.model.requires_grad_(False)
-    seq = sample_sequences(cache, n_sequences=1, tokens_per_sequence=tokens, seed=0)[0]
+    seq = sample_sequences(cache, n_sequences=1, tokens_per_sequence=tokens, seed=0)[0][0]
     batched = _BatchedInputs(adapter, seq.ids)
     h = cache.resid(layer, slice(*seq.rows))[None]
     v, _ = _directions(h, seq.positions, directions, torch.Generator().manual_seed(0))
@@ -112,6 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--bits", type=int, default=3)
+    parser.add_argument("--max-target-tokens", type=int, default=None,
+                        help="completion tokens per prompt the loss is evaluated on (the experiment's parameter)")
     args = parser.parse_args()
 
     import torch
@@ -124,7 +128,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cache = ActivationCache(args.cache) if args.cache else random_cache(adapter, load_tokenizer(args.model_dir),
                                                                            Path(tmp))
-        bench_quantization(adapter, cache, args.prompts, args.bits)
+        bench_quantization(adapter, cache, args.prompts, args.bits, args.max_target_tokens)
         bench_linearization(adapter, cache, adapter.n_layers // 2, tokens=2, directions=2)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.data.activations import ActivationCache, extract_activations
+from layerscope.data.activations import ActivationCache, TokenSequence, extract_activations
 from layerscope.model.adapter import load_model, load_tokenizer
 from layerscope.experiments.nonlinearity.linearization import (
     fit_order, jacobian_spectral_norm, linearization, linearization_gap, sample_sequences,
@@ -41,28 +41,54 @@ def test_gap_is_zero_for_a_linear_layer():
     x = torch.randn(5, 16, dtype=torch.float64)
     v = torch.randn(5, 16, dtype=torch.float64)
     curves = linearization_gap(layer, x, v, EPS)
-    assert curves.delta.min() > 1e-4
-    assert curves.gap.max() < 1e-10  # affine: the expansion is exact up to rounding
+    assert curves.delta.min() > 1e-4 and curves.update_delta.min() > 1e-4
+    assert curves.gap.max() < 1e-10 and curves.map_gap.max() < 1e-10  # affine: the expansion is exact
     # in float32 the residual is float32 rounding of f's values, not a trend in ε
     curves32 = linearization_gap(layer.float(), x.float(), v.float(), EPS)
     scale = float(curves32.fx.norm(dim=1).max())
     assert curves32.residual.max() < 1e-6 * scale
 
 
-def test_gap_of_a_quadratic_is_the_closed_form():
-    # f(x) = x + c ⊙ x ⊙ x: f(x+εv) − f(x) − εJv = ε² c ⊙ v ⊙ v exactly
+def test_gap_of_a_quadratic_update_is_the_closed_form():
+    """Block f(h) = h + u(h) with the quadratic update u(h) = A (h ⊙ h): u(h+εv) − u(h) = 2ε A(h⊙v) + ε² A(v⊙v)
+    and J_u v = 2 A(h⊙v), so the residual is ε²‖A(v⊙v)‖ exactly; the update's gap is
+    ε‖a‖ / ‖2b + εa‖ (a = A(v⊙v), b = A(h⊙v)), the whole block's ε‖a‖ / ‖v + 2b + εa‖."""
     g = _gen(1)
-    c = torch.randn(8, generator=g, dtype=torch.float64)
-    x = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    v = torch.randn(4, 8, generator=g, dtype=torch.float64)
-    f = lambda z: z + c * z * z  # noqa: E731
+    d = 8
+    A = torch.randn(d, d, generator=g, dtype=torch.float64) / (4 * d)  # an update small against the stream
+    x = torch.randn(4, d, generator=g, dtype=torch.float64)
+    v = torch.randn(4, d, generator=g, dtype=torch.float64)
+    f = lambda z: z + (z * z) @ A.T  # noqa: E731
     curves = linearization_gap(f, x, v, EPS)
+    a, b = (v * v) @ A.T, (x * v) @ A.T
+    update_gap, block_gap = [], []
     for k, e in enumerate(EPS):
-        residual = (e**2 * c * v * v).norm(dim=1).numpy()
-        delta = (e * (v + 2 * c * x * v) + e**2 * c * v * v).norm(dim=1).numpy()
+        residual = (e**2 * a).norm(dim=1).numpy()
+        update = (2 * e * b + e**2 * a).norm(dim=1).numpy()
+        whole = (e * v + 2 * e * b + e**2 * a).norm(dim=1).numpy()
         np.testing.assert_allclose(curves.residual[:, k], residual, rtol=1e-8)
-        np.testing.assert_allclose(curves.gap[:, k], residual / delta, rtol=1e-8)
-    np.testing.assert_allclose(curves.order(), 2.0, atol=1e-6)
+        np.testing.assert_allclose(curves.update_delta[:, k], update, rtol=1e-8)
+        np.testing.assert_allclose(curves.gap[:, k], residual / update, rtol=1e-8)
+        np.testing.assert_allclose(curves.map_gap[:, k], residual / whole, rtol=1e-8)
+        update_gap.append(residual / update)
+        block_gap.append(residual / whole)
+    # the two definitions differ: the identity inflates the whole block's denominator
+    assert np.all(curves.gap > 2 * curves.map_gap)
+    # orders: the residual's exponent is exactly 2; the gap's is the slope of the closed-form gap (→ 1 as ε → 0)
+    np.testing.assert_allclose(curves.residual_order(), 2.0, atol=1e-9)
+    log_eps = np.log(EPS)
+    expected = [np.polyfit(log_eps, np.log(np.asarray(update_gap)[:, i]), 1)[0] for i in range(4)]
+    np.testing.assert_allclose(curves.gap_order(), expected, rtol=1e-8)
+    assert np.all(np.abs(curves.gap_order() - 1) < 0.1)  # ε‖a‖ ≪ 2‖b‖ over this grid: gap ∝ ε
+    # at h = 0 the update is purely quadratic: its linearization misses all of it (gap 1, order 0),
+    # while the whole block's gap is only ε‖a‖ / ‖v + εa‖
+    zero = linearization_gap(f, torch.zeros_like(x), v, EPS)
+    np.testing.assert_allclose(zero.gap, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(zero.gap_order(), 0.0, atol=1e-9)
+    np.testing.assert_allclose(zero.residual_order(), 2.0, atol=1e-9)
+    for k, e in enumerate(EPS):
+        np.testing.assert_allclose(zero.map_gap[:, k], (e * a.norm(dim=1) / (v + e * a).norm(dim=1)).numpy(),
+                                   rtol=1e-8)
 
 
 def test_jvp_gap_matches_a_finite_difference_estimate_within_its_error():
@@ -86,7 +112,7 @@ def test_jvp_gap_matches_a_finite_difference_estimate_within_its_error():
         np.testing.assert_allclose(curves.residual[:, k], exact_residual, rtol=1e-9, atol=1e-14)
         # the FD-based residual differs from the jvp one by at most ε·‖Jv_fd − Jv‖ (triangle inequality)
         assert np.all(np.abs(fd_residual - curves.residual[:, k]) <= e * fd_error + 1e-13)
-        fd_gap = fd_residual / change.norm(dim=1).numpy()
+        fd_gap = fd_residual / (change - e * v).norm(dim=1).numpy()  # the update's change
         np.testing.assert_allclose(fd_gap, curves.gap[:, k], rtol=1e-3, atol=1e-9)
 
 
@@ -97,20 +123,24 @@ def test_order_fit_recovers_p(p):
     v = torch.randn(3, 10, generator=_gen(3), dtype=torch.float64)
     x = torch.zeros_like(v)
     curves = linearization_gap(f, x, v, EPS)
-    np.testing.assert_allclose(curves.order(), p, atol=1e-6)
-    # and the gap is the closed form ε^(p−1)‖w‖ / ‖v + ε^(p−1) w‖ with w = sign(v)|v|^p
+    np.testing.assert_allclose(curves.residual_order(), p, atol=1e-6)
+    # the update u = sign(x)|x|^p has J_u = 0 at 0: its linearization misses all of its change
+    np.testing.assert_allclose(curves.gap, 1.0, rtol=1e-9)
+    np.testing.assert_allclose(curves.gap_order(), 0.0, atol=1e-6)
+    # and the whole map's gap is the closed form ε^(p−1)‖w‖ / ‖v + ε^(p−1) w‖ with w = sign(v)|v|^p
     w = torch.sign(v) * v.abs() ** p
     for k, e in enumerate(EPS):
         expected = (e ** (p - 1) * w.norm(dim=1) / (v + e ** (p - 1) * w).norm(dim=1)).numpy()
-        np.testing.assert_allclose(curves.gap[:, k], expected, rtol=1e-8)
+        np.testing.assert_allclose(curves.map_gap[:, k], expected, rtol=1e-8)
 
 
-def test_order_of_a_smooth_function_away_from_zero_is_two():
+def test_orders_of_a_smooth_function_away_from_zero():
     f = lambda z: z + z**3  # noqa: E731
     x = torch.randn(4, 10, generator=_gen(4), dtype=torch.float64)
     v = torch.randn(4, 10, generator=_gen(5), dtype=torch.float64)
-    order = linearization_gap(f, x, v, [1e-5, 1e-4, 1e-3]).order()
-    np.testing.assert_allclose(order, 2.0, atol=0.01)
+    curves = linearization_gap(f, x, v, [1e-5, 1e-4, 1e-3])
+    np.testing.assert_allclose(curves.residual_order(), 2.0, atol=0.01)  # residual ∝ ε²
+    np.testing.assert_allclose(curves.gap_order(), 1.0, atol=0.01)  # gap ∝ ε
 
 
 def test_fit_order_edge_cases():
@@ -124,6 +154,8 @@ def test_bad_grids_and_shapes():
         linearization_gap(lambda z: z, torch.zeros(1, 2), torch.ones(1, 2), [0.1, -1])
     with pytest.raises(ValueError, match="differ in shape"):
         linearization_gap(lambda z: z, torch.zeros(1, 2), torch.ones(1, 3), [0.1])
+    with pytest.raises(ValueError, match="update"):
+        linearization_gap(lambda z: z.sum(1, keepdim=True), torch.zeros(1, 2), torch.ones(1, 2), [0.1])
 
 
 def test_power_iteration_finds_the_largest_singular_value():
@@ -162,22 +194,42 @@ def _cache(adapter, tok, folder, n=4, seed=0):
     return random_token_cache(adapter, tok, folder, n=n, first_length=9, step=2, seed=seed)[0]
 
 
+def _category_cache(adapter, tok, folder, categories=("a", "a", "a", "b", "b", "c", "c", "c"), seed=0):
+    """Random-token sequences in file order by category (like a real prompt set)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i, category in enumerate(categories):
+        length = 9 + (i % 3)
+        ids = [1] + torch.randint(3, adapter.facts.vocab_size, (length - 1,), generator=g).tolist()
+        roles = ["template"] + ["prompt"] * 3 + ["completion"] * (length - 4)
+        seqs.append(TokenSequence(f"{category}{i}", category, ids, roles))
+    seqs.append(TokenSequence("empty", "c", [1, 5, 6, 7], ["template", "prompt", "prompt", "prompt"]))
+    extract_activations(adapter, tok, seqs, folder / "resid.safetensors", folder / "tokens.parquet", batch_size=4)
+    return ActivationCache(folder)
+
+
 @pytest.fixture(scope="module")
 def stories64(stories_dir):
     return load_model(stories_dir, dtype="float32"), load_tokenizer(stories_dir)
 
 
-def test_sampling_is_seeded_and_takes_completion_tokens(stories64, tmp_path):
+def test_sampling_is_seeded_stratified_and_takes_completion_tokens(stories64, tmp_path):
     adapter, tok = stories64
-    cache = _cache(adapter, tok, tmp_path)
-    a = sample_sequences(cache, n_sequences=3, tokens_per_sequence=2, seed=5)
-    b = sample_sequences(cache, n_sequences=3, tokens_per_sequence=2, seed=5)
+    cache = _category_cache(adapter, tok, tmp_path)
+    a, summary = sample_sequences(cache, n_sequences=3, tokens_per_sequence=2, seed=5)
+    b, _ = sample_sequences(cache, n_sequences=3, tokens_per_sequence=2, seed=5)
     assert [(s.prompt_id, s.positions) for s in a] == [(s.prompt_id, s.positions) for s in b]
+    # one prompt per category (the first three of the file are all category a), listed in the summary
+    assert summary["prompt_categories"] == {"a": 1, "b": 1, "c": 1}
+    assert summary["prompt_ids"] == [s.prompt_id for s in a]
+    assert summary["n_empty_completions"] == 1  # the prompt without a completion is left out and counted
     tokens = cache.tokens
     for s in a:
         rows = tokens[tokens["prompt_id"] == s.prompt_id].set_index("position")
         assert all(rows.loc[p, "role"] == "completion" for p in s.positions) and len(s.positions) == 2
         assert s.rows[1] - s.rows[0] == len(s.ids)
+    other, _ = sample_sequences(cache, n_sequences=3, tokens_per_sequence=2, seed=6)
+    assert [(s.prompt_id, s.positions) for s in other] != [(s.prompt_id, s.positions) for s in a]
 
 
 def test_linearization_on_stories(stories64, tmp_path):
@@ -186,23 +238,94 @@ def test_linearization_on_stories(stories64, tmp_path):
     result = linearization(adapter, cache, model="stories", prompt_set="t", params=PARAMS)
     s = result.summary
     assert s["n_tokens"] == 4 and s["layers"] == [0, 1, 2, 3, 4]
-    for key in ("gap_by_layer", "attn_gap_by_layer", "mlp_gap_by_layer"):
+    for key in ("gap_by_layer", "attn_gap_by_layer", "mlp_gap_by_layer", "block_gap_by_layer"):
         values = np.asarray(s[key])
         assert values.shape == (5,) and np.all((values > 0) & (values < 1)), (key, values)
     assert s["most_nonlinear_layer"] == int(np.argmax(s["gap_by_layer"]))
     assert s["most_linear_layers"] == [int(i) for i in np.argsort(s["gap_by_layer"])[:3]]
     assert s["attn_mean_gap"] == pytest.approx(np.mean(s["attn_gap_by_layer"]))
-    lo, hi = s["order_range"]
+    assert s["mean_gap"] == pytest.approx(np.mean(s["gap_by_layer"]))
+    lo, hi = s["residual_order_range"]
     assert 1.0 < lo <= hi < 2.2  # smooth functions: residual at most ~quadratic over the grid
+    lo, hi = s["gap_order_range"]
+    assert 0.0 < lo <= hi < 1.2  # and their gap at most ~linear in ε
     assert all(np.asarray(s["spectral_norm_by_layer"]) > 0.5)
     per = result.per_sample
     assert len(per) == 5 * 3 * 4 * 2 * 4  # layers × functions × tokens × directions × ε
     # the gap grows with ε for every function (a smooth function's gap ∝ ε at small ε)
     mean_gap = per.groupby(["layer", "sublayer", "eps"])["gap"].mean().unstack()
     assert (mean_gap.diff(axis=1).iloc[:, 1:] > 0).all().all()
+    # the headline per-layer values are the item means of the per-sample table at ref_eps
+    ref = per[np.isclose(per["eps"], 0.1)]
+    for sub, key in (("block", "gap_by_layer"), ("mlp", "mlp_gap_by_layer")):
+        expected = ref[ref["sublayer"] == sub].groupby("layer")["gap"].mean().to_numpy()
+        np.testing.assert_allclose(s[key], expected, rtol=1e-12)
+    # every interval is finite and contains its point value
+    for key, value in s.items():
+        if key.endswith("_ci"):
+            point = np.atleast_1d(s[key[:-3]])
+            pairs = np.asarray(value, dtype=float).reshape(-1, 2)
+            assert np.all(np.isfinite(pairs)), key
+            assert np.all((pairs[:, 0] <= point) & (point <= pairs[:, 1])), key
+    assert s["uncertainty"]["unit"] == "prompt" and s["uncertainty"]["n_units"] == 2
+    assert s["underpowered"] is True and any("only 2 prompts" in r for r in s["underpowered_reasons"])
+    assert 0 <= s["most_nonlinear_layer_stability"] <= 1
+    assert s["prompt_ids"] == sorted(set(per["prompt_id"])) and s["prompt_categories"] == {"c": 2}
     # deterministic
     again = linearization(adapter, cache, model="stories", prompt_set="t", params=PARAMS)
     assert again.summary == s
+
+
+def test_headline_gap_is_the_update_gap_not_the_whole_block_gap(stories64, tmp_path):
+    """Recompute one item by hand with the block's own forward: the headline divides by the change of the
+    update u = f − h; the whole block's change (the definition before issue 13: what gap_by_layer was)
+    is kept as block_gap_by_layer and is visibly smaller."""
+    adapter, tok = stories64
+    cache = _cache(adapter, tok, tmp_path, n=3)
+    params = dict(PARAMS, n_sequences=3, tokens_per_sequence=1, n_directions=1, power_iterations=0)
+    result = linearization(adapter, cache, model="stories", prompt_set="t", params=params)
+    s, per = result.summary, result.per_sample
+    item = per[(per["layer"] == 2) & (per["sublayer"] == "block") & np.isclose(per["eps"], 0.1)].iloc[0]
+    seq = next(q for q in sample_sequences(cache, n_sequences=3, tokens_per_sequence=1, seed=0)[0]
+               if q.prompt_id == item["prompt_id"])
+    inputs = adapter.capture_block_inputs(torch.tensor([seq.ids]))
+    h = cache.resid(2, slice(*seq.rows))[None]
+    # the experiment's direction for this item (same generator seeding as the experiment)
+    s_index = s["prompt_ids"].index(item["prompt_id"])
+    generator = torch.Generator().manual_seed(0 * 1_000_003 + 2 * 1009 + s_index)
+    from layerscope.experiments.nonlinearity.linearization import _directions
+
+    v, _ = _directions(h, seq.positions, 1, generator)
+    with torch.no_grad():
+        f_h = adapter.run_block(2, h, inputs)
+        change = adapter.run_block(2, h + 0.1 * v, inputs) - f_h
+    update_change = float((change - 0.1 * v).double().norm())
+    assert item["update_delta"] == pytest.approx(update_change, rel=1e-4)
+    assert item["delta"] == pytest.approx(float(change.double().norm()), rel=1e-5)
+    assert item["gap"] == pytest.approx(item["residual"] / update_change, rel=1e-4)
+    assert item["map_gap"] == pytest.approx(item["residual"] / float(change.double().norm()), rel=1e-4)
+    # on the summary: the update gap is the headline and is larger than the whole block's in every block
+    update, whole = np.asarray(s["gap_by_layer"]), np.asarray(s["block_gap_by_layer"])
+    assert np.all(update > 1.1 * whole), (update, whole)
+    assert s["block_gap_mean"] == pytest.approx(whole.mean())
+
+
+def test_intervals_resample_prompts_not_tokens(stories64, tmp_path):
+    """The bootstrap unit is the prompt: the interval of gap_by_layer is the one of per-prompt sums and counts."""
+    from layerscope.engines.statistics import Bootstrap, weighted_mean
+
+    adapter, tok = stories64
+    cache = _cache(adapter, tok, tmp_path, n=4)
+    params = dict(PARAMS, n_sequences=4, tokens_per_sequence=2, n_directions=2, power_iterations=0, layers=[1, 3])
+    result = linearization(adapter, cache, model="stories", prompt_set="t", params=params)
+    s, per = result.summary, result.per_sample
+    ref = per[np.isclose(per["eps"], 0.1) & (per["sublayer"] == "attn")]
+    g = ref.groupby(["prompt_id", "layer"])["gap"].agg(["sum", "count"])
+    sums = g["sum"].unstack().loc[s["prompt_ids"]].to_numpy()
+    counts = g["count"].unstack().loc[s["prompt_ids"]].to_numpy().astype(float)
+    point, ci = Bootstrap(4, seed=0).interval(sums, counts, statistic=weighted_mean)
+    np.testing.assert_allclose(s["attn_gap_by_layer"], point, rtol=1e-12)
+    np.testing.assert_allclose(s["attn_gap_by_layer_ci"], ci, rtol=1e-12)
 
 
 @pytest.mark.parametrize("which", ["gpt2-float64", "stories-float32"])
@@ -219,7 +342,7 @@ def test_model_gap_matches_finite_differences(which, stories_dir, tiny_dirs, tmp
     tok = load_tokenizer(folder)
     cache = _cache(adapter, tok, tmp_path, n=2)
     adapter.use_attention("eager")
-    seq = sample_sequences(cache, n_sequences=1, tokens_per_sequence=1, seed=0)[0]
+    seq = sample_sequences(cache, n_sequences=1, tokens_per_sequence=1, seed=0)[0][0]
     inputs = adapter.capture_block_inputs(torch.tensor([seq.ids]))
     h = cache.resid(1, slice(*seq.rows), dtype=dtype)[None]
     t = seq.positions[0]
@@ -235,7 +358,9 @@ def test_model_gap_matches_finite_differences(which, stories_dir, tiny_dirs, tmp
             change = f(h + e * v) - f(h)
             fd_residual = float((change.double() - e * fd_jv.double()).norm())
             assert fd_residual == pytest.approx(curves.residual[0, k], rel=tol)
-            assert curves.gap[0, k] == pytest.approx(fd_residual / float(change.double().norm()), rel=tol)
+            update_change = float((change.double() - e * v.double()).norm())
+            assert curves.gap[0, k] == pytest.approx(fd_residual / update_change, rel=tol)
+            assert curves.map_gap[0, k] == pytest.approx(fd_residual / float(change.double().norm()), rel=tol)
             # positions before t are untouched by a perturbation at t (causal attention)
             assert change[0, :t].abs().max() == 0
             assert change[0, t:].abs().max() > 0

@@ -60,10 +60,66 @@ def test_subset_of_layers_is_aligned_by_index():
     assert s["spearman_rho"] == pytest.approx(1.0) and s["n_layers"] == 3
 
 
+def test_a_shared_depth_trend_is_not_taken_for_a_relation():
+    """Gap and sensitivity both grow with depth but are otherwise independent: the raw ρ is high (what the
+    old summary reported as the finding), the partial ρ with depth partialled out is near 0, not
+    significant after Holm adjustment, and the claim is flagged."""
+    rng = np.random.default_rng(0)
+    depth = np.arange(30.0)
+    raw, partial, significant, flagged = [], [], [], []
+    for _ in range(100):
+        gaps = 0.1 + 0.01 * depth + rng.normal(0, 0.02, 30)
+        sens = 0.5 + 0.02 * depth + rng.normal(0, 0.04, 30)
+        s = sensitivity_vs_linearity(_lin(gaps), _quant({3: sens}), model="m", prompt_set="p").summary
+        raw.append(s["spearman_rho"])
+        partial.append(s["partial_spearman_rho"])
+        significant.append(s["partial_p_holm"] < 0.05)
+        flagged.append(any("depth partialled out" in r for r in s["underpowered_reasons"]))
+    assert np.min(raw) > 0.7  # the old headline: a strong "relation" in every draw
+    assert abs(np.mean(partial)) < 0.05 and np.std(partial) < 0.25  # centred on 0, sd ≈ 1/√(n−3)
+    assert np.mean(significant) <= 0.05  # Holm keeps false claims at or below the nominal rate
+    assert flagged == [not x for x in significant]  # every claim the test does not carry is flagged
+    # a relation beyond depth: sensitivity follows the gap's deviations from the depth trend
+    resid = rng.normal(0, 0.02, 30)
+    gaps2 = 0.1 + 0.01 * depth + resid
+    sens2 = 0.5 + 0.02 * depth + 3 * resid + rng.normal(0, 0.01, 30)
+    s2 = sensitivity_vs_linearity(_lin(gaps2), _quant({3: sens2}), model="m", prompt_set="p").summary
+    assert s2["partial_spearman_rho"] > 0.7 and s2["partial_p_holm"] < 0.01 and not s2["underpowered"]
+
+
+def test_p_values_are_holm_adjusted_over_every_test_made():
+    from layerscope.engines.statistics import holm, partial_spearman
+
+    rng = np.random.default_rng(1)
+    gaps = rng.random(10)
+    sens = {2: gaps + rng.normal(0, 0.2, 10), 3: rng.random(10), 4: -gaps}
+    result = sensitivity_vs_linearity(_lin(gaps), _quant(sens), model="m", prompt_set="p")
+    m, s = result.metrics, result.summary
+    raw = m[m["metric"] == "p_value"].sort_values(["bits", "sublayer"])
+    part = m[m["metric"] == "partial_p_value"].sort_values(["bits", "sublayer"])
+    assert s["n_tests"] == 3 * 3 * 2  # bit widths × gaps × (raw, partial)
+    family = raw["value"].tolist() + part["value"].tolist()
+    adjusted = holm(family)
+    got = (m[m["metric"] == "p_holm"].sort_values(["bits", "sublayer"])["value"].tolist()
+           + m[m["metric"] == "partial_p_holm"].sort_values(["bits", "sublayer"])["value"].tolist())
+    np.testing.assert_allclose(got, adjusted)
+    assert s["p_holm"] >= s["p_value"] and s["partial_p_holm"] >= s["partial_p_value"]
+    rho, p = partial_spearman(gaps, sens[3], np.arange(10))
+    assert s["partial_spearman_rho"] == pytest.approx(rho) and s["partial_p_value"] == pytest.approx(p)
+    assert s["uncertainty"]["unit"] == "layer" and s["uncertainty"]["n_units"] == 10
+
+
+def test_upstream_underpowered_reasons_are_carried():
+    lin = dict(_lin([0.1, 0.3, 0.2, 0.5, 0.4]), underpowered=True, underpowered_reasons=["only 2 prompts"])
+    s = sensitivity_vs_linearity(lin, _quant({3: [1, 3, 2, 5, 4]}), model="m", prompt_set="p").summary
+    assert "linearization: only 2 prompts" in s["underpowered_reasons"] and s["underpowered"]
+
+
 def test_undefined_correlation_is_none_not_a_number():
     s = sensitivity_vs_linearity(_lin([0.1, 0.2, 0.3, 0.4]), _quant({3: [1.0, 1.0, 1.0, 1.0]}),
                                  model="m", prompt_set="p").summary
     assert s["spearman_rho"] is None and s["p_value"] is None
+    assert s["partial_spearman_rho"] is None and s["p_holm"] is None and s["underpowered"]
 
 
 def test_summaries_of_different_models_are_refused():

@@ -1,16 +1,27 @@
 """How nonlinear is each layer: the linearization gap on real cached inputs.
 
-For a function f of the residual stream (a whole block, or its attention or MLP sub-layer,
-see :class:`layerscope.model.adapter.SubLayers`) at a real input h and a direction v:
+Every function analysed maps the residual stream to the residual stream: a whole block
+f(h) = h + u(h), or its attention or MLP sub-layer with its skip connection (see
+:class:`layerscope.model.adapter.SubLayers`). What the layer computes is its *update*
+u(h) = f(h) − h, the residual branch; the identity carried by the skip connection is exactly
+linear. At a real input h and a direction v:
 
-* residual r(ε) = ‖f(h + εv) − f(h) − J_f(h)·εv‖, with J_f(h)·v computed exactly by
-  forward-mode AD (``torch.func.jvp``), not by finite differences;
-* gap(ε) = r(ε) / ‖f(h + εv) − f(h)‖: the fraction of the actual change that the
-  linearization misses (0 for an affine f);
-* order p: the slope of log r against log ε (least squares over the ε grid). A smooth f
-  has p = 2 for small ε (then gap ∝ ε^(p−1)); p < 2 means the residual grows more slowly
-  than quadratically over the grid (curvature saturating, e.g. norms or softmax);
-* transform magnitude ‖f(h) − h‖ / ‖h‖ at the sampled token;
+* residual r(ε) = ‖u(h + εv) − u(h) − J_u(h)·εv‖ = ‖f(h + εv) − f(h) − J_f(h)·εv‖ (the
+  identity cancels), with J·v computed exactly by forward-mode AD (``torch.func.jvp``), not by
+  finite differences;
+* gap(ε) = r(ε) / ‖u(h + εv) − u(h)‖: the fraction of the update's actual change that its
+  linearization misses (0 for an affine update, 1 for a purely quadratic one at h = 0). This
+  is the headline;
+* map gap(ε) = r(ε) / ‖f(h + εv) − f(h)‖: the same residual over the change of the whole map,
+  identity included (the definition before issue 13, kept as ``block_gap_*``). Its
+  denominator carries the perturbation εv itself, so it is smaller than the update's gap and
+  ranks layers by how large their update is against the identity, not by how curved it is;
+* residual order: the slope of log r against log ε (least squares over the ε grid): 2 for a
+  smooth function at small ε, whatever its curvature;
+* gap order: the slope of log gap against log ε: 1 for a smooth update at small ε (gap ∝ ε),
+  below 1 when the update's curvature saturates over the grid (norms, softmax), 0 when the
+  linearization misses a constant fraction;
+* transform magnitude ‖f(h) − h‖ / ‖h‖ = ‖u(h)‖ / ‖h‖ at the sampled token;
 * Jacobian spectral norm σ_max(J_f(h)) by power iteration on JᵀJ (``jvp`` then ``vjp``);
   power iteration approaches σ_max from below, so the estimate is a lower bound.
 
@@ -22,6 +33,12 @@ causal model, positions ≥ t); the spectral norm is then that of ∂f(H)/∂h_t
 ``perturb="all"`` perturbs every token at once and measures σ_max of the whole
 sequence Jacobian. Directions are random unit vectors per perturbed row, scaled by that
 row's norm ‖h_t‖, so ε is a perturbation relative to the state.
+
+Prompts are a seeded sample stratified over the prompt set's categories
+(:mod:`layerscope.engines.sampling`), tokens a seeded choice inside each. Per-layer gaps are
+token-pooled means (every sampled token and direction weighs the same); their intervals are
+a bootstrap over prompts (:mod:`layerscope.engines.statistics`): each prompt contributes the
+sum and the count of its items, never its tokens one by one.
 
 Inputs are the cached ``resid.i`` rows (the block's and attention sub-layer's input); the
 MLP sub-layer's input is the attention sub-layer's output computed from them (or
@@ -35,6 +52,7 @@ a float64 model, so a float64 run would not lower that floor for Llama-like mode
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -47,6 +65,8 @@ from torch.func import jvp, vjp
 
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
+from layerscope.engines.sampling import sample_summary, stratified_sample
+from layerscope.engines.statistics import Bootstrap, weighted_mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.model.adapter import ModelAdapter
 
@@ -68,21 +88,36 @@ def _item_norms(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class GapCurves:
-    """Linearization residuals of N (input, direction) items over an ε grid."""
+    """Linearization residuals of N (input, direction) items over an ε grid.
+
+    ``f`` maps its input space to itself; its update is u(x) = f(x) − x.
+    """
 
     eps: np.ndarray  # [E]
-    residual: np.ndarray  # [N, E]  ‖f(x+εv) − f(x) − εJv‖
-    delta: np.ndarray  # [N, E]  ‖f(x+εv) − f(x)‖
+    residual: np.ndarray  # [N, E]  ‖f(x+εv) − f(x) − εJv‖ (= the same for u: the identity cancels)
+    delta: np.ndarray  # [N, E]  ‖f(x+εv) − f(x)‖, the change of the whole map
+    update_delta: np.ndarray  # [N, E]  ‖u(x+εv) − u(x)‖ = ‖f(x+εv) − f(x) − εv‖, the change of the update
     fx: torch.Tensor  # f(x), [N, ...]
 
     @property
     def gap(self) -> np.ndarray:
+        """The update's gap r / ‖u(x+εv) − u(x)‖ (the headline definition)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self.residual / self.update_delta
+
+    @property
+    def map_gap(self) -> np.ndarray:
+        """The whole map's gap r / ‖f(x+εv) − f(x)‖ (identity included in the denominator)."""
         with np.errstate(divide="ignore", invalid="ignore"):
             return self.residual / self.delta
 
-    def order(self) -> np.ndarray:
-        """Per item, the slope p of log r(ε) against log ε (NaN where some r is 0 or not finite)."""
+    def residual_order(self) -> np.ndarray:
+        """Per item, the slope of log r(ε) against log ε (NaN where some r is 0 or not finite)."""
         return fit_order(self.eps, self.residual)
+
+    def gap_order(self) -> np.ndarray:
+        """Per item, the slope of log gap(ε) (the update's) against log ε."""
+        return fit_order(self.eps, self.gap)
 
 
 @torch.no_grad()
@@ -91,7 +126,8 @@ def linearization_gap(f: Fn, x: torch.Tensor, v: torch.Tensor, eps: Sequence[flo
 
     ``x`` and ``v`` are batches [N, ...] whose items ``f`` treats independently (copies of a
     sequence, or rows of a toy input); ``v`` carries its own scale (the perturbation at
-    ε = 1). J·v comes from ``torch.func.jvp``: exact up to floating-point rounding.
+    ε = 1). J·v comes from ``torch.func.jvp``: exact up to floating-point rounding. ``f`` must
+    map its input space to itself (its update f(x) − x is what :attr:`GapCurves.gap` measures).
     """
     if x.shape != v.shape:
         raise ValueError(f"input {tuple(x.shape)} and direction {tuple(v.shape)} differ in shape")
@@ -100,17 +136,22 @@ def linearization_gap(f: Fn, x: torch.Tensor, v: torch.Tensor, eps: Sequence[flo
         raise ValueError(f"ε grid must be non-empty and positive, got {eps.tolist()}")
     x, v = x.contiguous(), v.contiguous()  # forward AD refuses expanded (aliased) inputs
     fx, jv = jvp(f, (x,), (v,))
+    if fx.shape != x.shape:
+        raise ValueError(f"f maps {tuple(x.shape)} to {tuple(fx.shape)}: its update f(x) − x is undefined")
     residual = np.zeros((x.shape[0], eps.size))
     delta = np.zeros_like(residual)
+    update_delta = np.zeros_like(residual)
     for k, e in enumerate(eps):
         change = f(x + float(e) * v) - fx
         delta[:, k] = _item_norms(change).cpu().numpy()
+        update_delta[:, k] = _item_norms(change - float(e) * v).cpu().numpy()
         residual[:, k] = _item_norms(change - float(e) * jv).cpu().numpy()
-    return GapCurves(eps, residual, delta, fx)
+    return GapCurves(eps, residual, delta, update_delta, fx)
 
 
 def fit_order(eps: np.ndarray, residual: np.ndarray) -> np.ndarray:
-    """Least-squares slope of log residual against log ε, per row of ``residual`` [N, E]."""
+    """Least-squares slope of log ``residual`` against log ε, per row of ``residual`` [N, E] (any
+    positive curve: the residual, or the gap)."""
     eps = np.asarray(eps, dtype=float)
     residual = np.atleast_2d(np.asarray(residual, dtype=float))
     if eps.size < 2:
@@ -164,24 +205,37 @@ class SampledSequence:
 
 
 def sample_sequences(cache: ActivationCache, *, n_sequences: int, tokens_per_sequence: int, seed: int,
-                     role: str = "completion") -> list[SampledSequence]:
-    """Seeded sample of sequences and, in each, of tokens with the given role."""
+                     role: str = "completion") -> tuple[list[SampledSequence], dict]:
+    """A seeded sample of prompts, stratified over the cache's categories, and in each a seeded
+    choice of tokens with the given role.
+
+    Only prompts with at least one token of ``role`` are eligible; the others (for decoders:
+    the model stopped at once) are counted in ``n_empty_completions``. Returns the sampled
+    sequences (in the cache's order) and the summary fragment ``prompt_ids``,
+    ``prompt_categories``, ``n_empty_completions``.
+    """
     tokens = cache.tokens
-    eligible = [pid for pid, g in tokens.groupby("prompt_id", sort=False) if (g["role"] == role).any()]
-    if not eligible:
+    per_prompt = tokens.groupby("prompt_id", sort=False).agg(category=("category", "first"),
+                                                              n_role=("role", lambda r: int((r == role).sum())))
+    eligible = per_prompt[per_prompt["n_role"] > 0]
+    if eligible.empty:
         raise LayerscopeError(f"{cache.directory}: no tokens with role '{role}' to sample inputs from")
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(len(eligible), size=min(n_sequences, len(eligible)), replace=False)
+    ids = [str(i) for i in eligible.index]
+    categories = eligible["category"].astype(str).tolist()
+    chosen = stratified_sample(ids, categories, n_sequences, seed=seed)
+    fragment = sample_summary(ids, categories, chosen)
+    fragment["n_empty_completions"] = int(len(per_prompt) - len(eligible))
+    rng = np.random.default_rng([int(seed), 0x11E])  # token picks: a stream of their own
     out = []
-    for index in sorted(chosen.tolist()):
-        g = tokens[tokens["prompt_id"] == eligible[index]].sort_values("position")
+    for prompt_id in chosen:
+        g = tokens[tokens["prompt_id"].astype(str) == prompt_id].sort_values("position")
         candidates = g.loc[g["role"] == role, "position"].to_numpy()
         picks = rng.choice(candidates, size=min(tokens_per_sequence, len(candidates)), replace=False)
         out.append(SampledSequence(
-            str(eligible[index]), (int(g["row"].iloc[0]), int(g["row"].iloc[-1]) + 1),
+            prompt_id, (int(g["row"].iloc[0]), int(g["row"].iloc[-1]) + 1),
             [int(i) for i in g["token_id"]], sorted(int(p) for p in picks),
         ))
-    return out
+    return out, fragment
 
 
 # ---------------------------------------------------------------------------- the experiment
@@ -249,14 +303,16 @@ def _analyse_function(adapter, layer, name, x, positions, batched, params, gener
     n = v.shape[0]
     f_n = _functions(adapter, layer, batched(n))[name]
     curves = linearization_gap(f_n, x.expand(n, -1, -1), v, params["eps"])
-    orders = curves.order()
+    residual_order, gap_order = curves.residual_order(), curves.gap_order()
+    gap, map_gap = curves.gap, curves.map_gap
     with torch.no_grad():
         fx = curves.fx[0]
     samples = []
     for item, (position, k) in enumerate(labels):
         for e_index, e in enumerate(curves.eps):
             samples.append((position, k, float(e), curves.residual[item, e_index], curves.delta[item, e_index],
-                            curves.gap[item, e_index], orders[item]))
+                            curves.update_delta[item, e_index], gap[item, e_index], map_gap[item, e_index],
+                            residual_order[item], gap_order[item]))
     tokens = []
     magnitude = ((fx[positions] - x[0, positions]).double().norm(dim=-1)
                  / x[0, positions].double().norm(dim=-1)).cpu().numpy()
@@ -314,8 +370,8 @@ def linearization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, 
     adapter.use_attention("eager")  # forward-mode AD through attention
     adapter.model.requires_grad_(False)
     role = "completion" if adapter.facts.kind == "decoder" else "prompt"
-    sampled = sample_sequences(cache, n_sequences=p["n_sequences"], tokens_per_sequence=p["tokens_per_sequence"],
-                               seed=p["seed"], role=role)
+    sampled, sample = sample_sequences(cache, n_sequences=p["n_sequences"],
+                                       tokens_per_sequence=p["tokens_per_sequence"], seed=p["seed"], role=role)
     dtype = adapter.dtype
     sample_rows, token_rows = [], []
     batched = {s.prompt_id: _BatchedInputs(adapter, s.ids) for s in sampled}
@@ -335,25 +391,55 @@ def linearization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, 
                 token_rows += [(layer, name, seq.prompt_id, *row) for row in tokens]
         log.info("linearization: block %d done", layer)
     per_sample = pd.DataFrame(sample_rows, columns=["layer", "sublayer", "prompt_id", "position", "direction", "eps",
-                                                    "residual", "delta", "gap", "order"])
+                                                    "residual", "delta", "update_delta", "gap", "map_gap",
+                                                    "residual_order", "gap_order"])
     per_token = pd.DataFrame(token_rows, columns=["layer", "sublayer", "prompt_id", "position",
                                                   "transform_magnitude", "spectral_norm", "spectral_change"])
     return _summarise(per_sample, per_token, p, adapter, model=model, prompt_set=prompt_set,
-                      n_tokens=sum(len(s.positions) for s in sampled), n_sequences=len(sampled), role=role)
+                      n_tokens=sum(len(s.positions) for s in sampled), prompts=[s.prompt_id for s in sampled],
+                      sample=sample, role=role)
 
 
-def _summarise(per_sample, per_token, p, adapter, *, model, prompt_set, n_tokens, n_sequences, role):
+def _per_prompt(frame: pd.DataFrame, value: str, prompts: list[str], layers: list[int]):
+    """Per (prompt, layer) sums and counts of the finite values of column ``value``: [P, L] each."""
+    finite = frame[np.isfinite(frame[value].to_numpy(dtype=float))]
+    g = finite.groupby(["prompt_id", "layer"])[value].agg(["sum", "count"])
+    sums = g["sum"].unstack("layer").reindex(index=prompts, columns=layers).fillna(0.0).to_numpy(dtype=float)
+    counts = g["count"].unstack("layer").reindex(index=prompts, columns=layers).fillna(0.0).to_numpy(dtype=float)
+    return sums, counts
+
+
+def _by_layer(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Pooled mean per layer of resampled per-prompt sums and counts: [B, P, L] → [B, L]."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return weighted_mean(sums, counts)
+
+
+def _layer_mean(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Mean over layers of the pooled per-layer means: [B, P, L] → [B]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(_by_layer(sums, counts), axis=-1)
+
+
+def _summarise(per_sample, per_token, p, adapter, *, model, prompt_set, n_tokens, prompts, sample, role):
+    layers = p["layers"]
+    ref = p["ref_eps"]
     records = []
-    gap_means = per_sample.groupby(["layer", "sublayer", "eps"])["gap"].agg(["mean", "std"]).reset_index()
-    for row in gap_means.itertuples(index=False):
-        records.append((row.layer, row.sublayer, row.eps, "gap", float(row.mean)))
-        records.append((row.layer, row.sublayer, row.eps, "gap_std", float(row.std)))
-    item_orders = per_sample.drop_duplicates(["layer", "sublayer", "prompt_id", "position", "direction"])
-    orders = item_orders.groupby(["layer", "sublayer"])["order"].mean()
+    gap_means = (per_sample.groupby(["layer", "sublayer", "eps"])[["gap", "map_gap"]]
+                 .agg(["mean", "std"]).reset_index())
+    for _, row in gap_means.iterrows():
+        layer, sub, e = int(row[("layer", "")]), row[("sublayer", "")], float(row[("eps", "")])
+        records.append((layer, sub, e, "gap", float(row[("gap", "mean")])))
+        records.append((layer, sub, e, "gap_std", float(row[("gap", "std")])))
+        records.append((layer, sub, e, "map_gap", float(row[("map_gap", "mean")])))
+    items = per_sample[np.isclose(per_sample["eps"], ref)]  # one row per (layer, sublayer, token, direction)
+    orders = items.groupby(["layer", "sublayer"])[["residual_order", "gap_order"]].mean()
     token_means = per_token.groupby(["layer", "sublayer"])[["transform_magnitude", "spectral_norm"]].mean()
     spectral_max = per_token.groupby(["layer", "sublayer"])["spectral_norm"].max()
-    for (layer, sub), value in orders.items():
-        records.append((layer, sub, np.nan, "order", float(value)))
+    for (layer, sub), row in orders.iterrows():
+        records.append((layer, sub, np.nan, "residual_order", float(row["residual_order"])))
+        records.append((layer, sub, np.nan, "gap_order", float(row["gap_order"])))
     for (layer, sub), row in token_means.iterrows():
         records.append((layer, sub, np.nan, "transform_magnitude", float(row["transform_magnitude"])))
         records.append((layer, sub, np.nan, "spectral_norm", float(row["spectral_norm"])))
@@ -363,20 +449,43 @@ def _summarise(per_sample, per_token, p, adapter, *, model, prompt_set, n_tokens
     metrics.insert(0, "model", model)
     metrics = metrics.sort_values(["metric", "sublayer", "layer", "eps"], kind="stable").reset_index(drop=True)
 
-    layers = p["layers"]
-    ref = p["ref_eps"]
-
-    def curve(sub: str, metric: str, eps: float | None = None) -> list[float]:
-        sel = (metrics["sublayer"] == sub) & (metrics["metric"] == metric)
-        sel &= metrics["eps"].isna() if eps is None else np.isclose(metrics["eps"], eps)
+    def curve(sub: str, metric: str) -> list[float]:
+        sel = (metrics["sublayer"] == sub) & (metrics["metric"] == metric) & metrics["eps"].isna()
         values = metrics[sel].set_index("layer")["value"]
         return [float(values.get(i, np.nan)) for i in layers]
 
-    gap = {sub: curve(sub, "gap", ref) for sub in SUBLAYERS}
-    order = {sub: curve(sub, "order") for sub in SUBLAYERS}
-    block_gap = np.asarray(gap["block"])
-    ranked = [layers[i] for i in np.argsort(block_gap, kind="stable")]
-    finite_orders = [o for o in order["block"] if np.isfinite(o)]
+    # every per-layer mean below is pooled over the sampled items, and its interval is a
+    # bootstrap over prompts from per-prompt sums and counts
+    boot = Bootstrap(len(prompts), unit="prompt", seed=p["seed"])
+    per_prompt = {(sub, value): _per_prompt(items[items["sublayer"] == sub], value, prompts, layers)
+                  for sub in SUBLAYERS for value in ("gap", "map_gap", "residual_order", "gap_order")}
+    prefix = {"block": "", "attn": "attn_", "mlp": "mlp_"}
+    out: dict = {}
+    for sub in SUBLAYERS:
+        pre = prefix[sub]
+        for value, key in (("gap", "gap"), ("residual_order", "residual_order"), ("gap_order", "gap_order")):
+            point, ci = boot.interval(*per_prompt[(sub, value)], statistic=_by_layer)
+            out[f"{pre}{key}_by_layer"], out[f"{pre}{key}_by_layer_ci"] = point, ci
+        out[f"{pre}mean_gap"], out[f"{pre}mean_gap_ci"] = boot.interval(*per_prompt[(sub, "gap")],
+                                                                        statistic=_layer_mean)
+    out["block_gap_by_layer"], out["block_gap_by_layer_ci"] = boot.interval(*per_prompt[("block", "map_gap")],
+                                                                            statistic=_by_layer)
+    out["block_gap_mean"], out["block_gap_mean_ci"] = boot.interval(*per_prompt[("block", "map_gap")],
+                                                                    statistic=_layer_mean)
+    for key in ("residual_order", "gap_order"):
+        out[f"{key}_mean"], out[f"{key}_mean_ci"] = boot.interval(*per_prompt[("block", key)], statistic=_layer_mean)
+        finite = [o for o in out[f"{key}_by_layer"] if np.isfinite(o)]
+        out[f"{key}_range"] = [float(min(finite)), float(max(finite))] if finite else [None, None]
+
+    gap = np.asarray(out["gap_by_layer"], dtype=float)
+    most, most_stability = boot.stability(*per_prompt[("block", "gap")], statistic=_by_layer,
+                                          pick=lambda v: int(np.nanargmax(v)))
+    three = min(3, len(layers))
+    linear, linear_stability = boot.stability(*per_prompt[("block", "gap")], statistic=_by_layer,
+                                              pick=lambda v: frozenset(np.argsort(v, kind="stable")[:three].tolist()))
+    boot.check_stability("most_nonlinear_layer", most_stability)
+    boot.check_stability("most_linear_layers", linear_stability)
+    ranked = [layers[i] for i in np.argsort(gap, kind="stable")]
     magnitude = curve("block", "transform_magnitude")
     spectral = curve("block", "spectral_norm")
     spectral_arr = np.asarray(spectral, dtype=float)
@@ -390,38 +499,62 @@ def _summarise(per_sample, per_token, p, adapter, *, model, prompt_set, n_tokens
         "input_role": role,
         "eps": p["eps"],
         "ref_eps": ref,
-        "n_sequences": n_sequences,
+        "n_sequences": len(prompts),
         "n_tokens": n_tokens,
         "n_directions": p["n_directions"],
         "power_iterations": p["power_iterations"],
         "dtype": str(adapter.dtype).removeprefix("torch."),
-        "block_mean_gap": float(np.nanmean(block_gap)),
-        "attn_mean_gap": float(np.nanmean(gap["attn"])),
-        "mlp_mean_gap": float(np.nanmean(gap["mlp"])),
-        "most_nonlinear_layer": int(layers[int(np.nanargmax(block_gap))]),
-        "most_linear_layers": [int(i) for i in ranked[:3]],
-        "order_range": [float(min(finite_orders)), float(max(finite_orders))] if finite_orders else [None, None],
-        "order_mean": float(np.mean(finite_orders)) if finite_orders else None,
+        **sample,
+        "mean_gap": out["mean_gap"],
+        "mean_gap_ci": out["mean_gap_ci"],
+        "attn_mean_gap": out["attn_mean_gap"],
+        "attn_mean_gap_ci": out["attn_mean_gap_ci"],
+        "mlp_mean_gap": out["mlp_mean_gap"],
+        "mlp_mean_gap_ci": out["mlp_mean_gap_ci"],
+        "block_gap_mean": out["block_gap_mean"],
+        "block_gap_mean_ci": out["block_gap_mean_ci"],
+        "most_nonlinear_layer": int(layers[most]),
+        "most_nonlinear_layer_stability": most_stability,
+        "most_linear_layers": [int(i) for i in ranked[:three]],
+        "most_linear_layers_stability": linear_stability,
+        "residual_order_range": out["residual_order_range"],
+        "residual_order_mean": out["residual_order_mean"],
+        "residual_order_mean_ci": out["residual_order_mean_ci"],
+        "gap_order_range": out["gap_order_range"],
+        "gap_order_mean": out["gap_order_mean"],
+        "gap_order_mean_ci": out["gap_order_mean_ci"],
         "max_transform_magnitude_layer": int(layers[int(np.nanargmax(magnitude))]),
         "max_spectral_norm": float(np.nanmax(spectral_arr)) if has_spectral else None,
         "max_spectral_norm_layer": int(layers[int(np.nanargmax(spectral_arr))]) if has_spectral else None,
         "spectral_max_relative_change": (float(np.nanmax(per_token["spectral_change"]))
                                          if per_token["spectral_change"].notna().any() else None),
-        "gap_by_layer": gap["block"],
-        "attn_gap_by_layer": gap["attn"],
-        "mlp_gap_by_layer": gap["mlp"],
-        "order_by_layer": order["block"],
-        "attn_order_by_layer": order["attn"],
-        "mlp_order_by_layer": order["mlp"],
-        "transform_magnitude_by_layer": magnitude,
-        "spectral_norm_by_layer": spectral,
     }
+    for sub in SUBLAYERS:
+        pre = prefix[sub]
+        for key in ("gap", "residual_order", "gap_order"):
+            summary[f"{pre}{key}_by_layer"] = out[f"{pre}{key}_by_layer"]
+            summary[f"{pre}{key}_by_layer_ci"] = out[f"{pre}{key}_by_layer_ci"]
+    summary["block_gap_by_layer"] = out["block_gap_by_layer"]
+    summary["block_gap_by_layer_ci"] = out["block_gap_by_layer_ci"]
+    summary["transform_magnitude_by_layer"] = magnitude
+    summary["spectral_norm_by_layer"] = spectral
+    summary.update(boot.summary())
     return LinearizationResult(metrics, per_sample, per_token, summary)
 
 
 # ---------------------------------------------------------------------------- outputs
 
 _LABELS = {"block": "block", "attn": "attention sub-layer", "mlp": "MLP sub-layer"}
+_PREFIX = {"block": "", "attn": "attn_", "mlp": "mlp_"}
+
+
+def _band(ax, x, values, ci, **kwargs):
+    """A line with its interval as a band."""
+    line, = ax.plot(x, values, marker="o", markersize=2.5, **kwargs)
+    lo = [np.nan if pair[0] is None else pair[0] for pair in ci]
+    hi = [np.nan if pair[1] is None else pair[1] for pair in ci]
+    ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    return line
 
 
 def plot_gap(result: LinearizationResult, path: str | Path) -> None:
@@ -431,22 +564,25 @@ def plot_gap(result: LinearizationResult, path: str | Path) -> None:
     m = result.metrics
     with figure(1, 2, width=10.0, height=3.8) as (fig, axes):
         for sub in SUBLAYERS:
-            axes[0].plot(s["layers"], s[{"block": "gap_by_layer", "attn": "attn_gap_by_layer",
-                                         "mlp": "mlp_gap_by_layer"}[sub]], marker="o", markersize=2.5,
-                         label=_LABELS[sub])
+            key = f"{_PREFIX[sub]}gap_by_layer"
+            _band(axes[0], s["layers"], s[key], s[f"{key}_ci"], label=f"{_LABELS[sub]} update")
+        line = _band(axes[0], s["layers"], s["block_gap_by_layer"], s["block_gap_by_layer_ci"],
+                     label="whole block h + u(h)", linestyle="--", color="0.4")
+        line.set_markersize(1.5)
         axes[0].set_ylabel(f"linearization gap at ε = {s['ref_eps']:g}")
-        axes[0].set_title("gap by layer")
-        axes[0].legend()
+        axes[0].set_title(f"gap by layer (bands: {s['uncertainty']['level']:.0%} bootstrap over "
+                          f"{s['n_sequences']} prompts)", fontsize=9)
+        axes[0].legend(fontsize=7)
         block = m[(m["sublayer"] == "block") & (m["metric"] == "gap")]
         for e, group in block.groupby("eps"):
             axes[1].plot(group["layer"], group["value"], marker="o", markersize=2, label=f"ε = {e:g}")
         axes[1].set_yscale("log")
-        axes[1].set_ylabel("block gap (log scale)")
-        axes[1].set_title("block gap over the ε grid")
+        axes[1].set_ylabel("block update gap (log scale)")
+        axes[1].set_title("block update gap over the ε grid")
         axes[1].legend(ncol=2)
         for ax in axes:
             ax.set_xlabel("block")
-        fig.suptitle(f"linearization gap ‖f(h+εv) − f(h) − J·εv‖ / ‖f(h+εv) − f(h)‖ — {s['model']} on "
+        fig.suptitle(f"update gap ‖u(h+εv) − u(h) − J·εv‖ / ‖u(h+εv) − u(h)‖, u = f − h — {s['model']} on "
                      f"{s['prompt_set']} ({s['n_tokens']} tokens × {s['n_directions']} directions, "
                      f"perturb={s['perturb']})")
         save(fig, path)
@@ -456,14 +592,24 @@ def plot_order(result: LinearizationResult, path: str | Path) -> None:
     from layerscope.report.plotting import figure, save
 
     s = result.summary
-    with figure(width=6.4, height=3.6) as (fig, ax):
-        for sub, key in (("block", "order_by_layer"), ("attn", "attn_order_by_layer"), ("mlp", "mlp_order_by_layer")):
-            ax.plot(s["layers"], s[key], marker="o", markersize=2.5, label=_LABELS[sub])
-        ax.axhline(2.0, color="0.5", linestyle="--", linewidth=0.8, label="smooth (quadratic) limit")
-        ax.set_xlabel("block")
-        ax.set_ylabel("order p (residual ∝ ε^p)")
-        ax.set_title(f"nonlinearity order by layer (ε ∈ {s['eps']})")
-        ax.legend()
+    with figure(1, 2, width=10.0, height=3.6) as (fig, axes):
+        for sub in SUBLAYERS:
+            pre = _PREFIX[sub]
+            _band(axes[0], s["layers"], s[f"{pre}gap_order_by_layer"], s[f"{pre}gap_order_by_layer_ci"],
+                  label=_LABELS[sub])
+            _band(axes[1], s["layers"], s[f"{pre}residual_order_by_layer"],
+                  s[f"{pre}residual_order_by_layer_ci"], label=_LABELS[sub])
+        axes[0].axhline(1.0, color="0.5", linestyle="--", linewidth=0.8, label="smooth limit (gap ∝ ε)")
+        axes[0].set_ylabel("gap order (update gap ∝ ε^q)")
+        axes[0].set_title("order of the update gap")
+        axes[1].axhline(2.0, color="0.5", linestyle="--", linewidth=0.8, label="smooth limit (residual ∝ ε²)")
+        axes[1].set_ylabel("residual order (residual ∝ ε^p)")
+        axes[1].set_title("order of the residual")
+        for ax in axes:
+            ax.set_xlabel("block")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"slopes over ε ∈ {s['eps']} — {s['model']} on {s['prompt_set']} "
+                     f"(bands: bootstrap over {s['n_sequences']} prompts)")
         save(fig, path)
 
 
@@ -506,8 +652,10 @@ EXPERIMENT = Experiment(
     name="linearization",
     family="nonlinearity",
     description="how nonlinear each block and sub-layer is",
-    description_long=("Linearization gap of every block and of its attention and MLP sub-layers on sampled cached "
-                      "inputs (J·v exact by jvp), order of nonlinearity, transform magnitude, Jacobian spectral norm."),
+    description_long=("Linearization gap of the update u(h) = f(h) − h of every block and of its attention and MLP "
+                      "sub-layers on cached inputs of a stratified prompt sample (J·v exact by jvp), with bootstrap "
+                      "intervals over prompts; orders of the gap and of the residual, the whole-block gap, transform "
+                      "magnitude, Jacobian spectral norm."),
     needs="any",
     data="prompts",
     gpu=True,
@@ -523,7 +671,7 @@ EXPERIMENT = Experiment(
                 'minItems': 2,
                 'uniqueItems': True,
                 'default': [0.01, 0.03, 0.1, 0.3]},
-        'ref_eps': {'description': 'The ε of the headline gap (gap_by_layer, mean gaps, most linear layers); must '
+        'ref_eps': {'description': 'The ε of the headline gaps (gap_by_layer, mean gaps, most linear layers); must '
                                    'be in eps.',
                     'type': 'number',
                     'exclusiveMinimum': 0,
@@ -532,10 +680,11 @@ EXPERIMENT = Experiment(
                                    "sequence's output; 'all': perturb every token of the sequence at once.",
                     'enum': ['token', 'all'],
                     'default': 'token'},
-        'n_sequences': {'description': 'Prompts sampled (seeded) from the prompt set.',
+        'n_sequences': {'description': 'Prompts sampled from the prompt set (seeded, stratified over its '
+                                       'categories); the unit of the bootstrap intervals.',
                         'type': 'integer',
                         'minimum': 1,
-                        'default': 2},
+                        'default': 7},
         'tokens_per_sequence': {'description': 'Completion tokens sampled per prompt (prompt tokens for encoders).',
                                 'type': 'integer',
                                 'minimum': 1,

@@ -2,8 +2,9 @@
 
 Enabled by ``experiments.quantization.library_methods`` (a list of names below) and the
 ``layerscope[quant]`` extra (bitsandbytes, torchao, gptqmodel). Each method quantizes every
-block's projections of the whole model and reports its loss on the calibration prompts
-against the full-precision baseline:
+block's projections of the whole model and reports its loss on the calibration prompts (the
+quantization experiment's stratified sample, given by id) against the full-precision
+baseline:
 
 * ``nf4`` — bitsandbytes 4-bit NormalFloat (blocks of 64 weights), as a quantize →
   dequantize round trip written into the projections (weight-only, like the RTN sweep);
@@ -24,6 +25,7 @@ import importlib.util
 import logging
 import math
 import tempfile
+from collections.abc import Sequence
 
 import torch
 
@@ -73,29 +75,30 @@ def _torchao_int4(group_size: int):
     return quantize
 
 
-def _gptq(cache: ActivationCache, calib_limit: int, model_dir: str) -> float:
+def _gptq(cache: ActivationCache, calib_ids: Sequence[str], model_dir: str, max_target_tokens: int | None) -> float:
     from gptqmodel import GPTQModel, QuantizeConfig
 
     from layerscope.model.adapter import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
     tokens = cache.tokens
-    prompts = list(dict.fromkeys(tokens["prompt_id"]))[:calib_limit]
-    texts = [tokenizer.decode(tokens.loc[tokens["prompt_id"] == pid, "token_id"].tolist()) for pid in prompts]
+    texts = [tokenizer.decode(tokens.loc[tokens["prompt_id"].astype(str) == str(pid), "token_id"].tolist())
+             for pid in calib_ids]
     quantized = GPTQModel.load(model_dir, QuantizeConfig(bits=4, group_size=128))
     quantized.quantize(texts, batch_size=1)
     with tempfile.TemporaryDirectory() as folder:
         quantized.save(folder)
         reloaded = GPTQModel.load(folder)
         q_adapter = ModelAdapter(reloaded.model)
-        loss = LossEvaluator(q_adapter, cache, max_prompts=calib_limit).loss(list(range(q_adapter.n_layers)),
-                                                                             max_prefix=0)
+        evaluator = LossEvaluator(q_adapter, cache, prompt_ids=list(calib_ids), max_target_tokens=max_target_tokens)
+        loss = evaluator.loss(list(range(q_adapter.n_layers)), max_prefix=0)
     return loss
 
 
-def run_library_methods(methods, adapter: ModelAdapter, cache: ActivationCache, calib_limit: int, params: dict,
-                        base: float, record, *, model_dir=None) -> dict:
-    """Run (or skip, with the reason) each requested method; returns name → result entry."""
+def run_library_methods(methods, adapter: ModelAdapter, cache: ActivationCache, calib_ids: Sequence[str],
+                        params: dict, base: float, record, *, model_dir=None) -> dict:
+    """Run (or skip, with the reason) each requested method on the calibration prompts ``calib_ids``
+    (and ``params['max_target_tokens']``); returns name → result entry."""
     out = {}
     for method in methods:
         reason = availability(method, adapter.device)
@@ -107,11 +110,12 @@ def run_library_methods(methods, adapter: ModelAdapter, cache: ActivationCache, 
             if method == "gptq":
                 if model_dir is None:
                     raise ValueError("gptq needs the prepared model folder")
-                loss = _gptq(cache, calib_limit, str(model_dir))
+                loss = _gptq(cache, calib_ids, str(model_dir), params.get("max_target_tokens"))
             else:
                 quantizer = _nf4 if method == "nf4" else _torchao_int4(params["group_size"] or 128)
                 editor = WeightEditor(adapter)
-                evaluator = LossEvaluator(adapter, cache, batch_size=params["batch_size"], max_prompts=calib_limit)
+                evaluator = LossEvaluator(adapter, cache, batch_size=params["batch_size"], prompt_ids=list(calib_ids),
+                                          max_target_tokens=params.get("max_target_tokens"))
                 with editor.variant():
                     for layer in range(adapter.n_layers):
                         editor.edit(layer, None, quantizer)
