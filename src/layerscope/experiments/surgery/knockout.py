@@ -223,7 +223,7 @@ def plot_ratio(result: KnockoutResult, path: str | Path) -> None:
         top.set_title(f"knockout — {s['model']} on {s['prompt_set']}: baseline {s['baseline_loss']:.3f} "
                       f"[{lo:.3f}, {hi:.3f}] nats, {s['n_prompts']} prompts, {s['n_tokens']} tokens\n"
                       f"most critical block {s['most_critical_layer']} (in {s['most_critical_layer_stability']:.0%} "
-                      f"of bootstrap resamples); bars: 95% intervals over prompts; red: pairwise set", fontsize=9)
+                      f"of resamples); bars: 95% intervals over prompts; red: pairwise set", fontsize=8)
         save(fig, path)
 
 

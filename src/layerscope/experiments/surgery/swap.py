@@ -298,10 +298,10 @@ def plot_sensitivity(result: SwapResult, path: str | Path) -> None:
         ax.set_xticks(range(0, n, max(1, round(n / 15))))
         ax.set_ylabel("loss ratio (swapped / baseline)")
         ax.legend(loc="upper right")
-        ax.set_title(f"position sensitivity (most sensitive: block {s['most_position_sensitive_layer']}, in "
-                     f"{s['most_position_sensitive_layer_stability']:.0%} of resamples; {s['n_interchangeable']} of "
-                     f"{s['n_pairs']} pairs interchangeable by their interval)\n"
-                     "bars and band: 95% intervals over prompts", fontsize=9)
+        ax.set_title(f"position sensitivity: most sensitive block {s['most_position_sensitive_layer']} (in "
+                     f"{s['most_position_sensitive_layer_stability']:.0%} of resamples)\n{s['n_interchangeable']} of "
+                     f"{s['n_pairs']} pairs interchangeable by their interval; bars and band: 95% intervals over "
+                     "prompts", fontsize=8)
         save(fig, path)
 
 
