@@ -2,10 +2,11 @@
 
 Run on demand (not a test):
 
-    python benchmarks/bench_surgery.py [--prompts 4] [--threads 2] [--sweeps knockout,swap]
+    python benchmarks/bench_surgery.py [--prompts 7] [--max-target-tokens 16] [--threads 2] [--sweeps knockout,swap]
 
 On SmolLM2-135M (CPU): every single-block knockout (L variants) and every pairwise swap
-(L(L-1)/2 variants), on the same first N prompts of the activation cache, computed by
+(L(L-1)/2 variants), on the same seeded, category-stratified sample of N prompts of the
+activation cache (the sample the experiments draw with the same seed), computed by
 
 * the engine — :class:`layerscope.engines.surgery.LossEvaluator`: cached-prefix starts, prefixes
   shared within the sweep, prompts packed into one row with their shared system/template
@@ -22,7 +23,7 @@ prints both times, their ratio and the largest absolute difference of the losses
 
 The activation cache is ``results/smollm2-135m/core/activations`` (the default run's); if
 it is missing, the first N core prompts are generated and extracted into a temporary
-folder first (one-off, not timed).
+folder first (one-off, not timed; the sample is then drawn from those).
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
-    parser.add_argument("--prompts", type=int, default=4, help="first N prompts of the cache")
+    parser.add_argument("--prompts", type=int, default=7, help="stratified sample of N prompts of the cache")
+    parser.add_argument("--max-target-tokens", type=int, default=None, help="first K completion tokens per prompt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the prompt sample")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--chunks", type=int, default=6, help="alternate engine and naive over this many chunks")
@@ -91,13 +94,17 @@ def main() -> int:
 
     from layerscope.data.activations import ActivationCache
     from layerscope.model.adapter import load_model, load_tokenizer
+    from layerscope.engines.sampling import sample_cache_prompts
     from layerscope.engines.surgery import LossEvaluator, naive_losses, skip, swap
 
     torch.set_num_threads(args.threads)
     model_dir = ensure_model(args.model_dir)
     adapter = load_model(model_dir, dtype="float32")
     cache = ActivationCache(ensure_cache(args.cache, model_dir, args.prompts, adapter, load_tokenizer(model_dir)))
-    engine = LossEvaluator(adapter, cache, batch_size=args.batch_size, max_prompts=args.prompts)
+    prompt_ids, sample = sample_cache_prompts(cache.tokens, args.prompts, seed=args.seed)
+    engine = LossEvaluator(adapter, cache, batch_size=args.batch_size, prompt_ids=prompt_ids,
+                           max_target_tokens=args.max_target_tokens)
+    print(f"sample: {sample['prompt_categories']}", flush=True)
     L = engine.n_layers
     full_tokens = sum(len(p.full_ids) for p in engine.prompts)
     print(f"model {model_dir.name}: {L} blocks; {len(engine.prompts)} prompts, {full_tokens} tokens, "

@@ -28,7 +28,7 @@ def write_config(workdir, stories_dir, swap: dict | None = None):
         "activations": {"batch_size": 3},
         "experiments": {
             "logit_lens": {"enabled": False},
-            "knockout": {"max_prompts": 3, "pairwise_top": 3, "trace_prompts": 2, "trace_positions": 4},
+            "knockout": {"max_prompts": 3, "pairwise_top": 3},
             "swap": {"max_prompts": 2, "n_zones": 2, **(swap or {})},
             "shuffle": {"max_prompts": 2, "refine_max_evals": 20, "anneal_steps": 20, "pipeline_max_evals": 30},
         },
@@ -48,8 +48,7 @@ def run(tmp_path_factory, stories_dir):
 def test_surgery_outputs(run):
     base = run / "results/stories/tiny"
     files = {
-        "knockout": ["summary.json", "metrics.parquet", "pairs.parquet", "tracing.parquet", "ratio.png",
-                     "synergy.png", "tracing.png"],
+        "knockout": ["summary.json", "metrics.parquet", "pairs.parquet", "ratio.png", "synergy.png"],
         "swap": ["summary.json", "metrics.parquet", "pairs.parquet", "cost_matrix.png", "sensitivity.png"],
         "shuffle": ["summary.json", "metrics.parquet", "orders.parquet", "methods.png", "orders.png"],
     }
@@ -60,8 +59,12 @@ def test_surgery_outputs(run):
         assert (run / f"results/benchmarks/{experiment}/stories_tiny.tsv").is_file()
     knockout = json.loads((base / "knockout/summary.json").read_text())
     assert len(knockout["ratio_by_layer"]) == 5 and knockout["n_prompts"] == 3 and len(knockout["top_synergy_pairs"]) == 3
+    assert knockout["prompt_categories"] == {"story": 2, "animals": 1} and len(knockout["ratio_by_layer_ci"]) == 5
     swap = json.loads((base / "swap/summary.json").read_text())
     assert swap["n_pairs"] == 10 and swap["n_zones"] == 2 and swap["n_prompts"] == 2
+    assert swap["prompt_categories"] == {"story": 1, "animals": 1}  # stratified: not the first two (both story)
+    for summary in (knockout, swap):
+        assert summary["uncertainty"]["unit"] == "prompt" and summary["underpowered"]
     shuffle = json.loads((base / "shuffle/summary.json").read_text())
     assert len(shuffle["methods"]) == 9 and shuffle["permutation_seed"] == 0
     page = (run / "results/report/stories.md").read_text()

@@ -43,6 +43,13 @@ the states of their current order in a :class:`~layerscope.engines.surgery.Prefi
 Refiners alone start from the shuffled order as given. ``pipeline`` takes the weights-only
 order with the lowest loss (chosen by loss, not by the hidden truth), then ``reinsert``
 and ``bubble``; its wall time includes the weights-only methods it ran.
+
+Uncertainty: the loss is evaluated on a seeded, category-stratified sample of prompts; the
+loss of the original, the shuffled and every recovered order, and each one's ratio to the
+original's, get bootstrap intervals over those prompts (per-prompt loss sums, no extra
+forward pass). Accuracy, Kendall τ and the best method are properties of one search per
+method on one permutation: no interval is invented for them (the summary says so). A
+recovered order is chosen by the loss on the same prompts it is scored on.
 """
 
 from __future__ import annotations
@@ -61,8 +68,10 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.model.adapter import BlockInputs
+from layerscope.engines.statistics import N_BOOT, Bootstrap
 from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, PrefixMemo, move, surgery_evaluator
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.experiments.surgery.common import interval, prompt_sums, sample_fragment
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +466,8 @@ def random_permutation(n: int, seed: int) -> list[int]:
 
 
 def shuffle_experiment(evaluator: LossEvaluator, *, model: str, prompt_set: str, params: ShuffleParams,
-                       permutation: Sequence[int] | None = None, permutation_seed: int | None = None) -> ShuffleResult:
+                       permutation: Sequence[int] | None = None, permutation_seed: int | None = None,
+                       n_boot: int = N_BOOT) -> ShuffleResult:
     n = evaluator.n_layers
     if n < 2:
         raise LayerscopeError("shuffle needs a model with at least 2 blocks")
@@ -466,15 +476,26 @@ def shuffle_experiment(evaluator: LossEvaluator, *, model: str, prompt_set: str,
     shuffled = ShuffledModel(evaluator, perm, params.memo_states)
     results = recover(shuffled, params)
 
-    baseline = evaluator.baseline()
+    # scoring (outside the timed methods): per-token losses of the original and of every order, once each
+    base_tokens = evaluator.losses([list(range(n))], per_token=True)[0]
+    baseline = float(base_tokens.mean())
     reference = MethodResult("none", list(range(n)), 0.0, 0)
-    rows = []
     sequences = [[perm[s] for s in r.order] for r in [reference, *results]]
-    values = evaluator.losses(sequences)  # scoring (outside the timed methods)
-    for r, seq, value in zip([reference, *results], sequences, values):
+    per_token = evaluator.losses(sequences, per_token=True)
+    values = [float(x.mean()) for x in per_token]
+    base_sums, counts = prompt_sums(evaluator, [base_tokens])
+    b = base_sums[:, 0]
+    sums, _ = prompt_sums(evaluator, per_token)  # [P, methods]
+    boot = Bootstrap(len(counts), unit="prompt", n_boot=n_boot, seed=params.seed)
+    loss_ci = interval(boot, values, sums, counts, statistic=lambda s, c: s.sum(1) / c.sum(1)[:, None])
+    ratio_ci = interval(boot, np.array(values) / baseline, sums, b,
+                        statistic=lambda s, b: s.sum(1) / b.sum(1)[:, None])
+    rows = []
+    for r, seq, value, lci, rci in zip([reference, *results], sequences, values, loss_ci, ratio_ci):
         accuracy, tau = score(seq)
         rows.append({"method": r.method, "family": FAMILY[r.method], "accuracy": accuracy, "kendall_tau": tau,
-                     "loss": float(value), "loss_ratio": float(value / baseline), "seconds": float(r.seconds),
+                     "loss": float(value), "loss_lo": lci[0], "loss_hi": lci[1], "loss_ratio": float(value / baseline),
+                     "loss_ratio_lo": rci[0], "loss_ratio_hi": rci[1], "seconds": float(r.seconds),
                      "evaluations": int(r.evaluations)})
     table = pd.DataFrame(rows)
     orders = pd.DataFrame([(r.method, t, s, perm[s]) for r in [reference, *results] for t, s in enumerate(r.order)],
@@ -485,24 +506,41 @@ def shuffle_experiment(evaluator: LossEvaluator, *, model: str, prompt_set: str,
     recovered = table[table["method"] != "none"]
     best = recovered.sort_values(["accuracy", "kendall_tau", "loss"], ascending=[False, False, True]).iloc[0]
     by = recovered.set_index("method")
+    if best["accuracy"] < 1 and best["loss_ratio_lo"] <= 1:
+        boot.flag(f"the loss on {len(counts)} prompts cannot tell the best recovered order ({best['method']}, "
+                  f"accuracy {best['accuracy']:.2f}) from the original (loss ratio interval "
+                  f"[{best['loss_ratio_lo']:.3f}, {best['loss_ratio_hi']:.3f}] reaches 1)")
     summary = {
         "model": model,
         "prompt_set": prompt_set,
         "n_layers": n,
         **evaluator.provenance(),
+        **sample_fragment(evaluator),
         "permutation_seed": seed,
         "permutation": [int(x) for x in perm],
-        "baseline_loss": float(baseline),
+        "baseline_loss": baseline,
+        "baseline_loss_ci": interval(boot, baseline, b, counts, statistic=lambda b, c: b.sum(1) / c.sum(1)),
+        "shuffled_loss": float(table.iloc[0]["loss"]),
+        "shuffled_loss_ci": [table.iloc[0]["loss_lo"], table.iloc[0]["loss_hi"]],
         "shuffled_loss_ratio": float(table.iloc[0]["loss_ratio"]),
+        "shuffled_loss_ratio_ci": [table.iloc[0]["loss_ratio_lo"], table.iloc[0]["loss_ratio_hi"]],
         "shuffled_tau": float(table.iloc[0]["kendall_tau"]),
         "best_method": str(best["method"]),
         "best_tau": float(best["kendall_tau"]),
         "best_accuracy": float(best["accuracy"]),
+        "best_loss": float(best["loss"]),
+        "best_loss_ci": [float(best["loss_lo"]), float(best["loss_hi"])],
         "best_loss_ratio": float(best["loss_ratio"]),
+        "best_loss_ratio_ci": [float(best["loss_ratio_lo"]), float(best["loss_ratio_hi"])],
         "best_seconds": float(best["seconds"]),
         **{f"tau_{m}": float(by.loc[m, "kendall_tau"]) for m in by.index},
         **{f"accuracy_{m}": float(by.loc[m, "accuracy"]) for m in by.index},
+        "order_scores_uncertainty": (
+            f"none: accuracy, Kendall τ and best_method are properties of one search per method on one permutation "
+            f"(seed {seed}); they carry no interval (resampling prompts would need new searches), and comparing "
+            f"methods needs several permutations"),
         "methods": table.to_dict(orient="records"),
+        **boot.summary(),
     }
     return ShuffleResult(metrics, orders, table, summary)
 
@@ -523,7 +561,11 @@ def plot_methods(result: ShuffleResult, path: str | Path) -> None:
             values = table[column].to_numpy(dtype=float)
             if column == "seconds":
                 values = np.maximum(values, 1e-3)
-            ax.bar(x, values, color=[colors[f] for f in table["family"]])
+            error = None
+            if column == "loss_ratio":  # 95% interval over prompts (τ and accuracy: one search, no interval)
+                error = np.vstack([np.maximum(values - table["loss_ratio_lo"].to_numpy(dtype=float), 0.0),
+                                   np.maximum(table["loss_ratio_hi"].to_numpy(dtype=float) - values, 0.0)])
+            ax.bar(x, values, color=[colors[f] for f in table["family"]], yerr=error, ecolor="0.2", capsize=2)
             ax.set_xticks(x, table["method"], rotation=35, ha="right")
             ax.set_ylabel(label)
             if log_scale:
@@ -533,7 +575,8 @@ def plot_methods(result: ShuffleResult, path: str | Path) -> None:
         fig.suptitle(f"shuffle recovery — {s['model']}, {s['n_layers']} blocks, permutation seed "
                      f"{s['permutation_seed']}, loss on {s['n_tokens']} completion tokens\n"
                      "grey: shuffled input; blue: weights only; orange: loss refiners from the shuffled start; "
-                     "green: pipeline")
+                     "green: pipeline\nloss ratio: 95% interval over prompts; accuracy, τ: one search on one "
+                     "permutation (no interval)", fontsize=9)
         save(fig, path)
 
 
@@ -596,11 +639,12 @@ EXPERIMENT = Experiment(
     figures=(Figure("methods", "recovery methods compared"), Figure("orders", "recovered orders")),
     params={
         "max_prompts": {
-            "description": "Evaluate the loss on the prompt set's first N prompts only (null: all). Every variant "
-                           "re-runs blocks on these prompts, so this sets the cost.",
+            "description": "Evaluate the loss on a seeded, category-stratified sample of N prompts of the prompt "
+                           "set (every category first, the rest in proportion; null: all). Every variant re-runs "
+                           "blocks on these prompts, so this sets the cost.",
             "type": ["integer", "null"],
             "minimum": 1,
-            "default": 1
+            "default": 7
         },
         **SURGERY_PARAMS,
         "permutation_seed": {
