@@ -59,7 +59,7 @@ from layerscope.engines.geometry import leave_one_out_capture, random_frames, re
 from layerscope.engines.sampling import sample_summary
 from layerscope.engines.statistics import Bootstrap, holm, null_summary
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
-from layerscope.experiments.geometry.residual_geometry import read_rows, select_rows
+from layerscope.experiments.geometry.residual_geometry import MemoStatistic, read_rows, select_rows
 from layerscope.engines.spectra import (
     eigh_descending, entropy_effective_rank, participation_ratio, row_chunks, single_thread, stable_rank,
 )
@@ -275,21 +275,6 @@ def direction_statistics(directions: np.ndarray, phase: Sequence[int], shared_ra
     }
 
 
-class _Memo:
-    """A bootstrap statistic of the resample index computed once per index array (several intervals and a
-    stability read one costly computation)."""
-
-    def __init__(self, fn):
-        self.fn, self.cache = fn, {}
-
-    def __call__(self, index):
-        index = np.ascontiguousarray(np.asarray(index, dtype=np.int64))
-        key = (index.shape, hash(index.tobytes()))
-        if key not in self.cache:
-            self.cache[key] = self.fn(index)
-        return self.cache[key]
-
-
 def delta_svd(
     cache: ActivationCache,
     *,
@@ -395,7 +380,7 @@ def delta_svd(
                                       axis=-1))
         return np.concatenate(out)
 
-    memo = _Memo(direction_stat)
+    memo = MemoStatistic(direction_stat)
     column = {key: i for i, key in enumerate(direction_keys)}
     summary_ci = {}
     for key in direction_keys:
