@@ -11,7 +11,7 @@ import torch
 
 from layerscope.engines.geometry import (
     between_within_ratio, capture, cayley_menger_volume, eigen_isotropy, leave_one_out_capture, mean_pairwise_cosine,
-    orthonormal_basis, random_frames, regular_simplex_volume, resample_counts, resampled_pair_means, subspace_overlap,
+    orthonormal_basis, permuted_between_within, random_frames, regular_simplex_volume, resample_counts, resampled_pair_means, subspace_overlap,
 )
 from layerscope.engines.spectra import (
     covariance_eigenvalues, entropy_effective_rank, gram_eigh, participation_ratio, single_thread,
@@ -219,3 +219,17 @@ def test_resample_counts_and_pair_means_equal_a_plain_loop():
     ones = resampled_pair_means(values, {"within": same}, np.ones((1, n)))["within"][0]
     iu = np.triu_indices(n, k=1)
     assert ones == pytest.approx(values[iu][same[iu]].mean())
+
+
+def test_permuted_between_within_equals_the_ratio_of_each_labelling():
+    from scipy.spatial.distance import pdist, squareform
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 4))
+    labels = np.array(list("aaabbbccc"))
+    perms = [labels, rng.permutation(labels), rng.permutation(labels), np.array(list("abcdefghi"))]
+    out = permuted_between_within(squareform(pdist(x)), perms)
+    assert out.shape == (4, 1)
+    for row, perm in zip(out[:3, 0], perms[:3]):
+        assert row == pytest.approx(between_within_ratio(x, perm)["ratio"])
+    assert math.isnan(out[3, 0])  # no within-label pair

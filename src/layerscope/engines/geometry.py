@@ -19,7 +19,9 @@ Each function names its definition:
   null distribution of random directions runs through the very same code);
 * ``random_frames`` — independent Haar-random orthonormal k-frames, the null of the above;
 * ``resampled_pair_means`` — means of a pairwise quantity over the pairs of distinct units
-  of a bootstrap resample (copies of one unit never pair with each other).
+  of a bootstrap resample (copies of one unit never pair with each other);
+* ``permuted_between_within`` — the between / within ratio of a distance matrix under many
+  label permutations at once (a permutation null of ``between_within_ratio``).
 """
 
 from __future__ import annotations
@@ -231,3 +233,28 @@ def resampled_pair_means(values: np.ndarray, masks: dict[str, np.ndarray], count
         with np.errstate(invalid="ignore", divide="ignore"):
             out[name] = np.where(weight > 0, total / np.where(weight > 0, weight, 1.0), np.nan)
     return out
+
+
+def permuted_between_within(distances: np.ndarray, permutations) -> np.ndarray:
+    """Between / within mean distance under each labelling: [n_perm, n_matrices].
+
+    ``distances`` [n_matrices, n, n] (symmetric, e.g. one per layer), ``permutations`` a sequence
+    of label arrays [n] (e.g. permuted category labels). With the original labels it equals
+    :func:`between_within_ratio`'s ratio on the points the distances come from; NaN where a
+    labelling has no within or no between pair.
+    """
+    d = np.asarray(distances, dtype=np.float64)
+    if d.ndim == 2:
+        d = d[None]
+    n = d.shape[-1]
+    flat = np.nan_to_num(d).reshape(len(d), n * n)
+    labels = np.stack([np.asarray(x) for x in permutations])  # [P, n]
+    off = ~np.eye(n, dtype=bool)
+    same = (labels[:, :, None] == labels[:, None, :]) & off
+    different = (labels[:, :, None] != labels[:, None, :]) & off
+    same = same.reshape(len(labels), n * n).astype(np.float64)
+    different = different.reshape(len(labels), n * n).astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        within = (same @ flat.T) / same.sum(1, keepdims=True)
+        between = (different @ flat.T) / different.sum(1, keepdims=True)
+        return np.where(within > 0, between / within, np.nan)

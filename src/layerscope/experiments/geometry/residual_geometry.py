@@ -53,7 +53,8 @@ from layerscope.model.generate import ROLES
 from scipy.spatial.distance import pdist, squareform
 
 from layerscope.engines.geometry import (
-    between_within_ratio, eigen_isotropy, mean_pairwise_cosine, resample_counts, resampled_pair_means,
+    between_within_ratio, eigen_isotropy, mean_pairwise_cosine, permuted_between_within, resample_counts,
+    resampled_pair_means,
 )
 from layerscope.engines.sampling import sample_summary
 from layerscope.engines.statistics import Bootstrap, empirical_p, null_summary, permutation_null, weighted_mean
@@ -280,7 +281,7 @@ def residual_geometry(
         _, pairs = boot.interval(units, statistic=memo)
         separation_ci = [pair if np.isfinite(curves["category_separation"][layer]) else None
                          for layer, pair in enumerate(pairs)]
-        separation_null = permuted_separation(sub, permutation_labels(prompt_categories[keep], n_perm, seed))
+        separation_null = permuted_between_within(sub, permutation_labels(prompt_categories[keep], n_perm, seed))
         final = curves["category_separation"][-1]
         if np.isfinite(final):
             ns = null_summary(float(final), separation_null[:, -1])
@@ -326,20 +327,6 @@ def residual_geometry(
     summary.update(boot.summary())
     return ResidualGeometryResult(metrics, massive, summary, curves, norms, rows, dim_max_ratio, separation_ci,
                                   separation_null)
-
-
-def permuted_separation(distances: np.ndarray, permutations: list[np.ndarray]) -> np.ndarray:
-    """Between / within mean distance [n_perm, n_sites] of prompts [n_sites, n, n] under each label permutation."""
-    n = distances.shape[-1]
-    flat = np.nan_to_num(distances).reshape(len(distances), n * n)
-    labels = np.stack(permutations)  # [P, n]
-    off = ~np.eye(n, dtype=bool)
-    same = ((labels[:, :, None] == labels[:, None, :]) & off).reshape(len(labels), n * n).astype(np.float64)
-    different = ((labels[:, :, None] != labels[:, None, :]) & off).reshape(len(labels), n * n).astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        within = (same @ flat.T) / same.sum(1, keepdims=True)
-        between = (different @ flat.T) / different.sum(1, keepdims=True)
-        return np.where(within > 0, between / within, np.nan)
 
 
 def permutation_labels(labels: np.ndarray, n_perm: int, seed: int) -> list[np.ndarray]:
