@@ -50,7 +50,13 @@ def test_norms_agree_with_differences_of_the_cached_residuals(cache):
         for metric, value in expected.items():
             assert result.curves[metric][block] == pytest.approx(value, rel=1e-6), (metric, block)
         np.testing.assert_allclose(result.singular_values[block], s[:5], rtol=1e-6)
-        np.testing.assert_allclose(np.abs(np.sum(result.directions[block] * vt[:5], axis=1)), 1.0, atol=1e-5)
+        # a singular vector is determined (up to sign) only as well as its gap to its neighbours: the Gram
+        # eigensolver and the SVD agree to ~eps·σ₁²/gap, so only well-separated ones are compared
+        gap = np.minimum(np.abs(np.diff(s**2, prepend=np.inf)), np.abs(np.diff(s**2, append=0.0)))[:5] / s[0] ** 2
+        separated = gap > 1e-6
+        assert separated[0]
+        np.testing.assert_allclose(np.abs(np.sum(result.directions[block] * vt[:5], axis=1))[separated], 1.0,
+                                   atol=1e-5)
     i, j = 1, 3
     assert result.top1_abs_cos[i, j] == pytest.approx(abs(result.directions[i, 0] @ result.directions[j, 0]))
 
