@@ -31,11 +31,11 @@ SmolLM2's size); it is kept per block only, as ``capture_self_included``.
 Uncertainty: a bootstrap over prompts (the tokens of one prompt are never resampled on
 their own). Token means (relative step, cos(δ, h), parallel fraction) are recomputed from
 per-prompt sums; the direction statistics (capture, |cos| of top-1 directions, top-1
-energy) from per-prompt Gram matrices of δ projected on the span of the full sample's top
-``ritz_dim`` right singular vectors: each resample's top directions are the Rayleigh–Ritz
-vectors of its Gram matrix in that span (exact when ``ritz_dim`` = d; with
-``ritz_dim`` < d a resample's top directions are assumed to lie in the full sample's top
-``ritz_dim`` ones). No forward pass is involved.
+energy) from per-prompt Gram matrices of δ projected on a ``ritz_dim``-dimensional span: each
+resample's top directions are the Rayleigh–Ritz vectors of its Gram matrix in that span
+(exact when ``ritz_dim`` ≥ d; below d the span holds the leading right singular vectors and
+the directions into which reweighting prompts moves the top ones, see :func:`ritz_basis`).
+No forward pass is involved.
 
 Only two layers of the cache are held at a time; float64 work runs on blocks of rows.
 """
