@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from layerscope.engines.geometry import (
-    between_within_ratio, capture, cayley_menger_volume, eigen_isotropy, mean_pairwise_cosine, orthonormal_basis,
-    regular_simplex_volume, subspace_overlap,
+    between_within_ratio, capture, cayley_menger_volume, eigen_isotropy, leave_one_out_capture, mean_pairwise_cosine,
+    orthonormal_basis, permuted_between_within, random_frames, regular_simplex_volume, resample_counts, resampled_pair_means, subspace_overlap,
 )
 from layerscope.engines.spectra import (
     covariance_eigenvalues, entropy_effective_rank, gram_eigh, participation_ratio, single_thread,
@@ -173,3 +173,63 @@ def test_subspace_overlap_and_capture():
     assert capture(a, q[:, k]) < 1  # a direction with a component outside
     basis = orthonormal_basis(np.vstack([a.T, 1e-3 * rng.standard_normal((2, d))]), k)
     assert subspace_overlap(basis, a) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_random_frames_are_orthonormal_and_uniform():
+    frames = random_frames((400, 2), 3, 10, np.random.default_rng(0))
+    assert frames.shape == (400, 2, 3, 10)
+    np.testing.assert_allclose(frames @ np.swapaxes(frames, -1, -2), np.broadcast_to(np.eye(3), (400, 2, 3, 3)),
+                               atol=1e-12)
+    # a uniform unit vector has E[v_j²] = 1/d in every coordinate
+    np.testing.assert_allclose((frames[:, :, 0, :] ** 2).mean(axis=(0, 1)), 0.1, atol=0.02)
+    again = random_frames((400, 2), 3, 10, np.random.default_rng(0))
+    np.testing.assert_array_equal(frames, again)
+
+
+def test_leave_one_out_capture_of_independent_frames_is_rank_over_d():
+    d, k, rank = 30, 4, 5
+    frames = random_frames((500, 4), k, d, np.random.default_rng(1))
+    out = leave_one_out_capture(frames, [0, 0, 1, 1], rank)  # one other block: its k = 4 < rank directions
+    assert np.nanmean(out) == pytest.approx(k / d, rel=0.1)
+    out = leave_one_out_capture(frames, [0, 0, 0, 0], rank)
+    assert np.nanmean(out) == pytest.approx(rank / d, rel=0.1)
+
+
+def test_resample_counts_and_pair_means_equal_a_plain_loop():
+    rng = np.random.default_rng(2)
+    n = 7
+    index = rng.integers(0, n, size=(5, n))
+    counts = resample_counts(index, n)
+    for row, draw in zip(counts, index):
+        np.testing.assert_array_equal(row, np.bincount(draw, minlength=n))
+    np.testing.assert_array_equal(resample_counts(np.arange(n)[None], n), np.ones((1, n)))
+    values = rng.random((n, n))
+    values = values + values.T
+    labels = np.array(list("aabbbcc"))
+    same = labels[:, None] == labels[None, :]
+    out = resampled_pair_means(values, {"within": same, "between": ~same}, counts)
+    for b, draw in enumerate(index):  # every pair of drawn units except copies of one unit
+        within, between = [], []
+        for x, y in itertools.combinations(range(n), 2):
+            i, j = draw[x], draw[y]
+            if i != j:
+                (within if labels[i] == labels[j] else between).append(values[i, j])
+        assert out["within"][b] == pytest.approx(np.mean(within) if within else np.nan, nan_ok=True)
+        assert out["between"][b] == pytest.approx(np.mean(between))
+    ones = resampled_pair_means(values, {"within": same}, np.ones((1, n)))["within"][0]
+    iu = np.triu_indices(n, k=1)
+    assert ones == pytest.approx(values[iu][same[iu]].mean())
+
+
+def test_permuted_between_within_equals_the_ratio_of_each_labelling():
+    from scipy.spatial.distance import pdist, squareform
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((9, 4))
+    labels = np.array(list("aaabbbccc"))
+    perms = [labels, rng.permutation(labels), rng.permutation(labels), np.array(list("abcdefghi"))]
+    out = permuted_between_within(squareform(pdist(x)), perms)
+    assert out.shape == (4, 1)
+    for row, perm in zip(out[:3, 0], perms[:3]):
+        assert row == pytest.approx(between_within_ratio(x, perm)["ratio"])
+    assert math.isnan(out[3, 0])  # no within-label pair

@@ -16,7 +16,7 @@ from layerscope.data.activations import ActivationCache, TokenSequence, extract_
 from layerscope.model.adapter import load_model, load_tokenizer
 from layerscope.experiments.geometry.contrastive import (
     RELATIONS, ContrastiveGroupsError, common_prefix_length, contrastive, crossover, encode_groups, force_decode,
-    load_groups, shared_prefix,
+    load_groups, sample_groups, shared_prefix, sign_test, trajectory_cosines,
 )
 from layerscope.jobs.writer import run_experiment
 from layerscope.engines.readout import Readout
@@ -130,30 +130,71 @@ def test_lens_at_the_last_layer_is_the_models_own_prediction(stories):
 def test_cosine_and_kl_equal_a_direct_computation(stories):
     adapter, tok = stories
     groups = load_groups(GROUPS, limit=3)
-    result = contrastive(adapter, tok, groups, model="stories", system_prompt=None)
+    result = contrastive(adapter, tok, groups, model="stories", system_prompt=None, n_boot=50)
     encoded = encode_groups(tok, groups, system_prompt=None, chat_template="auto")
     readout = Readout(adapter)
     prefix = shared_prefix(adapter, [enc.prompt_ids for enc in encoded])
-    for g, enc in enumerate(encoded):
-        traj, logp = force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, prefix=prefix)
+    decoded = [force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, prefix=prefix) for enc in encoded]
+    mean = np.concatenate([traj for traj, _ in decoded]).mean(axis=0)  # [L+1, d]: every trajectory of the set
+    for enc, (traj, logp) in zip(encoded, decoded):
         for j, relation in enumerate(groups.relations, start=1):
             for layer in (0, 2, adapter.n_layers):
                 a, b = traj[0, layer], traj[j, layer]
-                cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+                raw = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+                ac, bc = a - mean[layer], b - mean[layer]
+                centred = ac @ bc / np.linalg.norm(ac) / np.linalg.norm(bc)
                 p, q = logp[0, layer].double(), logp[j, layer].double()
                 kl = float((p.exp() * (p - q)).sum())
                 row = result.per_group[(result.per_group["group"] == enc.group.id)
                                        & (result.per_group["relation"] == relation)
                                        & (result.per_group["layer"] == layer)].iloc[0]
-                assert row["cosine"] == pytest.approx(cos, rel=1e-9)
+                assert row["cosine"] == pytest.approx(centred, rel=1e-6, abs=1e-9)
+                assert row["cosine_raw"] == pytest.approx(raw, rel=1e-6)
                 assert row["kl"] == pytest.approx(kl, rel=1e-6, abs=1e-9)
     for relation in groups.relations:
         assert result.summary["mean_cosine_by_layer"][relation] == pytest.approx(
             result.cosine[relation].mean(axis=0).tolist())
     diff = result.cosine["synonym"] - result.cosine["antonym"]
     assert result.summary["synonym_minus_antonym_by_layer"] == pytest.approx(diff.mean(axis=0).tolist())
-    for key in ("crossover_layer", "first_flip_layer", "early_order"):
+    for key in ("crossover_layer", "first_flip_layer", "early_order", "crossover_layer_stability",
+                "raw_crossover_layer"):
         assert key in result.summary
+    assert result.summary["uncertainty"]["unit"] == "group" and result.summary["underpowered"]  # 3 groups
+
+
+def test_a_common_offset_makes_raw_cosines_one_but_not_centred_ones():
+    """Trajectories that share a large offset (the mean / massive directions of the residual stream): every raw
+    cosine is ≈ 1 whatever the relation; centred on the set's mean, synonyms stay close and antonyms oppose."""
+    rng = np.random.default_rng(0)
+    n_groups, d, sites = 40, 16, 3
+    offset = 1000.0 * np.eye(d)[0]
+    anchor = rng.standard_normal((n_groups, sites, d))
+    synonym = anchor + 0.1 * rng.standard_normal((n_groups, sites, d))
+    antonym = -anchor + 0.1 * rng.standard_normal((n_groups, sites, d))
+    trajectories = np.stack([anchor, synonym, antonym], axis=1) + offset
+    centred, raw = trajectory_cosines(trajectories)
+    assert (raw > 0.999).all()  # the raw cosine cannot tell the relations apart (the old definition)
+    assert (centred[:, 0] > 0.9).all() and (centred[:, 1] < -0.9).all()
+    np.testing.assert_allclose(trajectory_cosines(trajectories - offset)[0], centred, atol=1e-9)  # offset-free
+
+
+def test_sign_test_at_the_crossover():
+    from scipy.stats import binomtest
+
+    assert sign_test(np.array([0.2, -0.1, -0.3, 0.0, -0.2]), late_sign=-1.0) == {
+        "n_late_order": 3, "n_groups": 4, "p_value": pytest.approx(binomtest(3, 4, 0.5).pvalue)}
+    assert sign_test(np.zeros(3), 1.0)["p_value"] is None
+
+
+def test_groups_are_a_seeded_sample_not_the_first_n():
+    groups = load_groups(GROUPS)
+    sample, fragment = sample_groups(groups, 6, seed=0)
+    ids = [g.id for g in sample.groups]
+    assert len(ids) == 6 and ids != [g.id for g in groups.groups[:6]]
+    assert ids == [g.id for g in groups.groups if g.id in ids]  # file order
+    assert fragment["prompt_ids"] == ids and fragment["prompt_categories"] == {"contrastive": 6}
+    assert [g.id for g in sample_groups(groups, 6, seed=0)[0].groups] == ids
+    assert len(sample_groups(groups, None, seed=0)[0].groups) == len(groups.groups)
 
 
 def test_crossover():
@@ -182,7 +223,6 @@ def test_prompt_rendering(stories):
 
 def test_run_outputs_and_determinism(stories, stories_dir, tmp_path):
     adapter, tok = stories
-    groups = load_groups(GROUPS, limit=4)
     outputs = {"summary": tmp_path / "summary.json",
                **{f"table_{k}": tmp_path / f"{k}.parquet" for k in ("metrics", "per_group")},
                **{f"figure_{k}": tmp_path / f"{k}.png" for k in ("cosine", "kl", "crossover", "relations")}}
@@ -194,8 +234,16 @@ def test_run_outputs_and_determinism(stories, stories_dir, tmp_path):
     per_group = pd.read_parquet(outputs["table_per_group"])
     assert len(per_group) == 4 * 4 * (adapter.n_layers + 1)
     assert (per_group["kl"] >= 0).all() and (per_group["cosine"] <= 1 + 1e-9).all()
-    again = contrastive(adapter, tok, groups, model="stories", system_prompt=None)
+    sample, _ = sample_groups(load_groups(GROUPS), 4, seed=0)
+    again = contrastive(adapter, tok, sample, model="stories", system_prompt=None)
     pd.testing.assert_frame_equal(result.tables["per_group"], again.per_group)
+    summary = json.loads(outputs["summary"].read_text())
+    assert summary["prompt_ids"] == [g.id for g in sample.groups]
+    for key in ("cosine_mean_synonym", "cosine_last_antonym", "kl_mean_style"):
+        lo, hi = summary[f"{key}_ci"]
+        assert lo <= summary[key] <= hi
+    assert len(summary["synonym_minus_antonym_by_layer_ci"]) == adapter.n_layers + 1
+    assert 0 <= summary["crossover_layer_stability"] <= 1
 
 
 def test_encoders_are_refused(tiny_dirs):

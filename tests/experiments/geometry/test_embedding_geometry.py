@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ from layerscope.experiments.geometry.embedding_geometry import (
     WordListError, covariance_eigenvalues_chunked, embedding_geometry, embedding_matrices, load_word_categories,
     matrix_geometry, single_token,
 )
+from layerscope.engines.statistics import Bootstrap
 from layerscope.jobs.writer import run_experiment
 
 WORDS = REPO / "resources" / "word_categories.json"
@@ -129,6 +131,9 @@ def test_planted_digit_and_category_geometry(stories):
     np.testing.assert_allclose(np.diag(m.digit_cos), 1.0, atol=1e-6)
     assert s["category_separation"] > 3 and s["n_category_words"] == 6 and s["n_skipped_words"] == 0
     assert (m.categories["intra_cosine"] > 0.7).all()  # ≈ 9 / (9 + 0.04·48)
+    # 3 + 3 words: of the 20 ways to split them, 2 give the observed separation: p cannot go below ≈ 0.1
+    assert s["category_separation_p_value"] == pytest.approx(0.1, abs=0.03)
+    assert any("permutation null" in r for r in m.boot.reasons) and m.boot.summary()["underpowered"]
 
 
 def test_skipped_and_shared_tokens_are_reported(stories):
@@ -162,7 +167,8 @@ def test_outputs_and_determinism(stories, stories_dir, stories_result, tmp_path)
     outputs = {"summary": tmp_path / "summary.json",
                **{f"table_{k}": tmp_path / f"{k}.parquet" for k in ("metrics", "words", "eigenspectrum")},
                **{f"figure_{k}": tmp_path / f"{k}.png" for k in ("overview", "categories")}}
-    params = {"categories": str(WORDS), "cosine_sample": 300, "n_simplices": 400, "min_category_words": 3, "seed": 1}
+    params = {"categories": str(WORDS), "cosine_sample": 300, "n_simplices": 400, "min_category_words": 3, "seed": 1,
+              "n_perm": 1000}
     written = run_experiment("embedding_geometry", {"model": str(stories_dir), "categories": str(WORDS)}, outputs,
                              params=params, wildcards={"model": "stories"})
     assert all(p.is_file() for p in outputs.values())
@@ -171,6 +177,8 @@ def test_outputs_and_determinism(stories, stories_dir, stories_result, tmp_path)
     for key in ("participation_ratio", "dims_90", "pentachoron_cv", "pentachoron_cv_gaussian", "n_skipped_words",
                 "skipped_words", "category_separation"):
         assert key in summary
+    n_categories = summary["by_matrix"]["embedding"]["n_categories"]
+    assert summary["uncertainty"]["unit"] == ("word" if n_categories >= 2 else None)
     words = pd.read_parquet(outputs["table_words"])
     assert "not_single_token" in set(words["status"])  # stories260K's 512-token vocabulary lacks most words
     n_words = sum(len(v) for v in load_word_categories(WORDS).values())
@@ -181,3 +189,75 @@ def test_outputs_and_determinism(stories, stories_dir, stories_result, tmp_path)
     other = embedding_geometry(adapter, tok, load_word_categories(WORDS), model="stories", cosine_sample=300,
                                n_simplices=400, seed=2)
     assert other.summary["pentachoron_cv"] != stories_result.summary["pentachoron_cv"]
+
+
+# single-token words of stories260K's vocabulary (the shipped word lists are mostly not single tokens there)
+STORY_WORDS = ["and", "was", "her", "day", "with", "said", "play", "that", "mom", "she", "you", "they", "big",
+               "friend", "little", "time", "had", "there", "for", "want", "happy", "saw", "named", "but"]
+
+
+def _word_geometry(tok, shift, *, seed=0, n_boot=None):
+    rng = np.random.default_rng(seed)
+    d = 32
+    w = rng.standard_normal((512, d))
+    categories = {f"c{k}": STORY_WORDS[k::4] for k in range(4)}  # 4 categories of 6 words
+    for k, words in enumerate(categories.values()):
+        for word in words:
+            w[single_token(tok, word)[0], k] += shift
+    return matrix_geometry("embedding", torch.tensor(w, dtype=torch.float32), tok, categories, cosine_sample=200,
+                           n_simplices=50, min_category_words=3, seed=seed, n_boot=n_boot)
+
+
+def test_category_claims_get_a_word_bootstrap_and_a_permutation_null(stories):
+    _, tok = stories
+    random = _word_geometry(tok, 0.0).scalars
+    assert random["n_category_words"] == 24
+    assert random["category_separation_p_value"] > 0.1
+    assert random["category_separation_null_mean"] == pytest.approx(1.0, abs=0.01)
+    lo, hi = random["category_separation_ci"]
+    assert lo < 1.0 < hi
+    planted = _word_geometry(tok, 3.0)
+    s = planted.scalars
+    assert s["category_separation_p_value"] == pytest.approx(1 / 1001)
+    assert s["category_separation_ci"][0] > s["category_separation_null_q95"]
+    for key in ("category_intra_cosine_mean", "category_lift_mean", "pentachoron_cv_ratio"):
+        lo, hi = s[f"{key}_ci"]
+        assert lo <= s[key] <= hi, key
+    table = planted.categories
+    assert (table["intra_cosine_ci_low"] <= table["intra_cosine"]).all()
+    assert (table["intra_cosine"] <= table["intra_cosine_ci_high"]).all()
+
+
+def test_word_bootstrap_equals_a_brute_force_resampling(stories):
+    """Each resample: the drawn words' separation over the pairs of distinct words."""
+    _, tok = stories
+    m = _word_geometry(tok, 1.0, seed=2, n_boot=40)
+    used = m.words[m.words["status"] == "used"]
+    rng = np.random.default_rng(2)  # the matrix of _word_geometry, rebuilt
+    d = 32
+    weights = rng.standard_normal((512, d))
+    for k in range(4):
+        for word in STORY_WORDS[k::4]:
+            weights[single_token(tok, word)[0], k] += 1.0
+    vectors = torch.tensor(weights, dtype=torch.float32).double().numpy()[used["token_id"].to_numpy()]
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    labels = used["category"].to_numpy()
+    values = []
+    for draw in Bootstrap(len(labels), unit="word", seed=2, n_boot=40).index:
+        within, between = [], []
+        for x, y in itertools.combinations(range(len(draw)), 2):
+            i, j = draw[x], draw[y]
+            if i != j:
+                (within if labels[i] == labels[j] else between).append(1 - unit[i] @ unit[j])
+        values.append(np.mean(between) / np.mean(within))
+    point = m.scalars["category_separation"]
+    lo, hi = np.quantile(values, [0.025, 0.975])
+    np.testing.assert_allclose(m.scalars["category_separation_ci"], [min(lo, point), max(hi, point)], rtol=1e-6)
+
+
+def test_without_categories_the_summary_is_deterministic(tiny_dirs):
+    adapter, tok = load_model(tiny_dirs["qwen2"]), load_tokenizer(tiny_dirs["qwen2"])
+    result = embedding_geometry(adapter, tok, {"a": ["zzzqqq"], "b": ["qqqzzz"]}, model="tiny", cosine_sample=50,
+                                n_simplices=20)
+    assert result.summary["uncertainty"]["n_boot"] == 0 and "deterministic" in result.summary["uncertainty"]["method"]
+    assert result.summary["category_separation_ci"] is None

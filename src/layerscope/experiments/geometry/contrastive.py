@@ -12,18 +12,27 @@ inputs are recorded by hooks, so ``resid.i`` means what it means in the activati
 
 Per layer l = 0 … L and related completion c:
 
-* ``cosine``: cos(T_anchor(l), T_c(l)) with T(l) the mean of resid.l over the completion's
-  tokens (its trajectory);
+* ``cosine``: cos(T_anchor(l) − μ(l), T_c(l) − μ(l)) with T(l) the mean of resid.l over the
+  completion's tokens (its trajectory) and μ(l) the mean of all the set's trajectories at
+  layer l (every group's anchor and related completions). Raw trajectories share the mean
+  and massive directions of the residual stream, which put every raw cosine near 1 (0.97 for
+  synonyms and antonyms alike on SmolLM2); the raw cosine is kept as ``cosine_raw``;
 * ``kl``: KL(P_anchor(l) ‖ P_c(l)) in nats between logit-lens distributions (the model's
   final norm and unembedding, as in :mod:`layerscope.experiments.lens.logit_lens`) read at the completion's last
   token (``lens_tokens: last``: what the model expects next), or averaged over all its
   tokens (``lens_tokens: all``; costs one read-out per token and layer).
 
-The *crossover* compares synonym and antonym: d(l) = mean over groups of
+The *crossover* compares synonym and antonym on centred cosines: d(l) = mean over groups of
 cos(anchor, synonym) − cos(anchor, antonym). The early order is the sign of d at the first
 layer where it is non-zero; ``first_flip_layer`` is the first layer where the order is
 reversed, ``crossover_layer`` the first layer from which it stays reversed through the last
 layer (None when it never flips for good).
+
+Uncertainty: the unit is the group (groups are independent items; a group's completions
+share its prompt). Means over groups get percentile bootstrap intervals;
+``crossover_layer_stability`` is the fraction of resamples of groups whose mean difference
+curve has the same crossover layer; at the crossover layer an exact two-sided sign test
+(binomial, p = 1/2) asks whether more groups than chance have the reversed order.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ from layerscope.jobs.io import sha256_json
 from layerscope.engines.readout import Readout
 from layerscope.experiments.lens.logit_lens import first_true, stays_true_from
 from layerscope.data.prompts import ID_PATTERN, Prompt
+from layerscope.engines.sampling import sample_summary, stratified_sample
+from layerscope.engines.statistics import Bootstrap
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
@@ -297,13 +308,53 @@ def crossover(diff: np.ndarray) -> dict:
     }
 
 
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-300)
+
+
+def trajectory_cosines(trajectories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(centred, raw) cosine of each related completion's trajectory to its anchor's, [n_groups, R, L+1].
+
+    ``trajectories`` [n_groups, 1 + R, L+1, d]: the anchor first. Centred: every trajectory minus
+    the mean of all the set's trajectories at that layer (anchors and related completions of every
+    group), so that a direction every completion shares — the mean and the massive dimensions of
+    the residual stream — does not make every pair look alike.
+    """
+    t = np.asarray(trajectories, dtype=np.float64)
+    mean = t.mean(axis=(0, 1), keepdims=True)  # [1, 1, L+1, d]
+    centred = t - mean
+    return _cosine(centred[:, :1], centred[:, 1:]), _cosine(t[:, :1], t[:, 1:])
+
+
+def sign_test(differences: np.ndarray, late_sign: float) -> dict:
+    """Exact two-sided sign test of per-group differences: how many groups have the late order (zeros left out)."""
+    from scipy.stats import binomtest
+
+    d = np.asarray(differences, dtype=float)
+    nonzero = d[d != 0]
+    k = int((np.sign(nonzero) == late_sign).sum())
+    n = int(len(nonzero))
+    return {"n_late_order": k, "n_groups": n, "p_value": float(binomtest(k, n, 0.5).pvalue) if n else None}
+
+
+def sample_groups(groups: ContrastiveSet, n: int | None, seed: int) -> tuple[ContrastiveSet, dict]:
+    """A seeded random sample of ``n`` groups (all with None), in file order, and its summary fragment."""
+    ids = [g.id for g in groups.groups]
+    chosen = set(stratified_sample(ids, ["contrastive"] * len(ids), n, seed=seed))
+    kept = tuple(g for g in groups.groups if g.id in chosen)
+    sample = ContrastiveSet(groups.name, groups.relations, kept, groups.description)
+    return sample, sample_summary(ids, ["contrastive"] * len(ids), [g.id for g in kept])
+
+
 @dataclass
 class ContrastiveResult:
     metrics: pd.DataFrame  # tidy: model, relation, layer, metric, value
-    per_group: pd.DataFrame  # group, relation, layer, cosine, kl
+    per_group: pd.DataFrame  # group, relation, layer, cosine, cosine_raw, kl
     summary: dict
-    cosine: dict  # relation -> [n_groups, L+1]
+    cosine: dict  # relation -> [n_groups, L+1], centred
     kl: dict  # relation -> [n_groups, L+1]
+    cosine_raw: dict  # relation -> [n_groups, L+1]
+    bands: dict  # (metric, relation) -> [L+1] pairs: bootstrap interval of the mean over groups
 
 
 def _sem(x: np.ndarray) -> np.ndarray:
@@ -311,7 +362,8 @@ def _sem(x: np.ndarray) -> np.ndarray:
 
 
 def contrastive(adapter, tokenizer, groups: ContrastiveSet, *, model: str, system_prompt: str | None,
-                chat_template: str | bool = "auto", lens_tokens: str = "last") -> ContrastiveResult:
+                chat_template: str | bool = "auto", lens_tokens: str = "last", seed: int = 0,
+                n_boot: int | None = None) -> ContrastiveResult:
     if adapter.unembed is None:
         raise LayerscopeError("contrastive trajectories need a decoder (force-decoding and a logit lens)")
     if lens_tokens not in ("last", "all"):
@@ -320,47 +372,77 @@ def contrastive(adapter, tokenizer, groups: ContrastiveSet, *, model: str, syste
     readout = Readout(adapter)
     relations = groups.relations
     n_sites = adapter.n_layers + 1
-    cosine = {r: np.zeros((len(encoded), n_sites)) for r in relations}
     kl = {r: np.zeros((len(encoded), n_sites)) for r in relations}
-    rows = []
+    trajectories = np.zeros((len(encoded), 1 + len(relations), n_sites, adapter.facts.d_model))
     n_tokens = 0
     prefix = shared_prefix(adapter, [enc.prompt_ids for enc in encoded])
     for g, enc in enumerate(encoded):
         traj, logp = force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, lens_tokens=lens_tokens,
                                   prefix=prefix)
         n_tokens += sum(len(c) for c in enc.completion_ids)
-        anchor = traj[0]
+        trajectories[g] = traj
         p_anchor = logp[0].double().exp()
         for j, relation in enumerate(relations, start=1):
-            other = traj[j]
-            cos = (anchor * other).sum(-1) / np.maximum(np.linalg.norm(anchor, axis=-1) * np.linalg.norm(other, axis=-1),
-                                                        1e-300)
-            div = (p_anchor * (logp[0].double() - logp[j].double())).sum(-1).clamp_min(0).numpy()
-            cosine[relation][g], kl[relation][g] = cos, div
-            rows += [(enc.group.id, relation, layer, float(cos[layer]), float(div[layer]), len(enc.completion_ids[0]),
-                      len(enc.completion_ids[j])) for layer in range(n_sites)]
+            kl[relation][g] = (p_anchor * (logp[0].double() - logp[j].double())).sum(-1).clamp_min(0).numpy()
         log.info("contrastive: %d/%d groups", g + 1, len(encoded))
-    per_group = pd.DataFrame(rows, columns=["group", "relation", "layer", "cosine", "kl", "n_anchor_tokens",
-                                            "n_completion_tokens"])
+    centred, raw = trajectory_cosines(trajectories)
+    cosine = {r: centred[:, j] for j, r in enumerate(relations)}
+    cosine_raw = {r: raw[:, j] for j, r in enumerate(relations)}
+    rows = [(enc.group.id, relation, layer, float(cosine[relation][g, layer]), float(cosine_raw[relation][g, layer]),
+             float(kl[relation][g, layer]), len(enc.completion_ids[0]), len(enc.completion_ids[j]))
+            for g, enc in enumerate(encoded) for j, relation in enumerate(relations, start=1)
+            for layer in range(n_sites)]
+    per_group = pd.DataFrame(rows, columns=["group", "relation", "layer", "cosine", "cosine_raw", "kl",
+                                            "n_anchor_tokens", "n_completion_tokens"])
     per_group.insert(0, "model", model)
 
+    boot = Bootstrap(len(encoded), unit="group", seed=seed, **({"n_boot": n_boot} if n_boot else {}))
+    bands: dict = {}
     records = []
     for relation in relations:
-        for metric, values in (("cosine", cosine[relation]), ("kl", kl[relation])):
-            for stat, curve in (("mean", values.mean(axis=0)), ("sem", _sem(values))):
+        for metric, values in (("cosine", cosine[relation]), ("cosine_raw", cosine_raw[relation]),
+                               ("kl", kl[relation])):
+            _, pairs = boot.interval(values)
+            bands[(metric, relation)] = pairs
+            for stat, curve in (("mean", values.mean(axis=0)), ("sem", _sem(values)),
+                                ("ci_low", [p[0] for p in pairs]), ("ci_high", [p[1] for p in pairs])):
                 records += [(relation, layer, f"{metric}_{stat}", float(v)) for layer, v in enumerate(curve)]
-    summary_cross: dict = {"early_order": None, "first_flip_layer": None, "crossover_layer": None}
-    diff = above = None
+    summary_cross: dict = {"early_order": None, "first_flip_layer": None, "crossover_layer": None,
+                           "crossover_layer_stability": None, "crossover_sign_test_p": None,
+                           "crossover_n_late_order": None, "crossover_n_groups": None, "raw_crossover_layer": None}
+    diff = above = diff_ci = None
     if "synonym" in relations and "antonym" in relations:
         paired = cosine["synonym"] - cosine["antonym"]
         diff, above = paired.mean(axis=0), (paired > 0).mean(axis=0)
-        summary_cross = crossover(diff)
+        _, diff_ci = boot.interval(paired)
+        bands[("difference", "synonym-antonym")] = diff_ci
+        summary_cross.update(crossover(diff))
+        layer = summary_cross["crossover_layer"]
+        _, stability = boot.stability(paired, pick=lambda v: crossover(v)["crossover_layer"])
+        summary_cross["crossover_layer_stability"] = stability
+        boot.check_stability("crossover_layer", stability)
+        if layer is not None:
+            late = -1.0 if summary_cross["early_order"] == "synonym>antonym" else 1.0
+            test = sign_test(paired[:, layer], late)
+            summary_cross.update(crossover_sign_test_p=test["p_value"], crossover_n_late_order=test["n_late_order"],
+                                 crossover_n_groups=test["n_groups"])
+            if test["p_value"] is None or test["p_value"] > 0.05:
+                boot.flag(f"the order at the crossover layer {layer} is not significant by a sign test over groups "
+                          f"(p = {test['p_value']})")
+        summary_cross["raw_crossover_layer"] = crossover((cosine_raw["synonym"] - cosine_raw["antonym"]).mean(0))[
+            "crossover_layer"]
         records += [("synonym-antonym", layer, "cosine_difference_mean", float(v)) for layer, v in enumerate(diff)]
         records += [("synonym-antonym", layer, "cosine_difference_sem", float(v))
                     for layer, v in enumerate(_sem(paired))]
+        records += [("synonym-antonym", layer, f"cosine_difference_ci_{side}", float(pair[i]))
+                    for layer, pair in enumerate(diff_ci) for i, side in enumerate(("low", "high"))]
         records += [("synonym-antonym", layer, "synonym_closer_fraction", float(v)) for layer, v in enumerate(above)]
     metrics = pd.DataFrame(records, columns=["relation", "layer", "metric", "value"])
     metrics.insert(0, "model", model)
+
+    def with_ci(name: str, values: np.ndarray) -> dict:
+        point, interval = boot.interval(values)
+        return {name: point, f"{name}_ci": interval}
 
     n_completions = len(encoded) * (len(relations) + 1)
     summary = {
@@ -374,15 +456,23 @@ def contrastive(adapter, tokenizer, groups: ContrastiveSet, *, model: str, syste
         "n_completion_tokens": n_tokens,
         "mean_completion_tokens": n_tokens / n_completions,
         **summary_cross,
-        **{f"cosine_mean_{r}": float(cosine[r].mean()) for r in relations},
-        **{f"cosine_last_{r}": float(cosine[r][:, -1].mean()) for r in relations},
-        **{f"kl_mean_{r}": float(kl[r].mean()) for r in relations},
+    }
+    for r in relations:
+        summary.update(with_ci(f"cosine_mean_{r}", cosine[r].mean(axis=1)))
+        summary.update(with_ci(f"cosine_last_{r}", cosine[r][:, -1]))
+        summary.update(with_ci(f"kl_mean_{r}", kl[r].mean(axis=1)))
+        summary[f"cosine_raw_mean_{r}"] = float(cosine_raw[r].mean())
+        summary[f"cosine_raw_last_{r}"] = float(cosine_raw[r][:, -1].mean())
+    summary.update({
         "mean_cosine_by_layer": {r: cosine[r].mean(axis=0).tolist() for r in relations},
+        "mean_raw_cosine_by_layer": {r: cosine_raw[r].mean(axis=0).tolist() for r in relations},
         "mean_kl_by_layer": {r: kl[r].mean(axis=0).tolist() for r in relations},
         "synonym_minus_antonym_by_layer": diff.tolist() if diff is not None else None,
+        "synonym_minus_antonym_by_layer_ci": diff_ci,
         "synonym_closer_fraction_by_layer": above.tolist() if above is not None else None,
-    }
-    return ContrastiveResult(metrics, per_group, summary, cosine, kl)
+        **boot.summary(),
+    })
+    return ContrastiveResult(metrics, per_group, summary, cosine, kl, cosine_raw, bands)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -401,21 +491,22 @@ def plot_curves(result: ContrastiveResult, path: str | Path, which: str) -> None
     x = np.arange(s["n_layers"] + 1)
     with figure(width=7.0, height=4.2) as (fig, ax):
         for k, (relation, values) in enumerate(data.items()):
-            mean, sem = values.mean(axis=0), _sem(values)
-            ax.plot(x, mean, marker="o", markersize=2.5, color=PALETTE[k], label=relation)
-            ax.fill_between(x, mean - sem, mean + sem, color=PALETTE[k], alpha=0.2)
+            band = np.array(result.bands[(which, relation)], dtype=float)
+            ax.plot(x, values.mean(axis=0), marker="o", markersize=2.5, color=PALETTE[k], label=relation)
+            ax.fill_between(x, band[:, 0], band[:, 1], color=PALETTE[k], alpha=0.2)
         _mark_crossover(ax, s)
         layer_axis(ax, s["n_layers"])
         if which == "cosine":
-            ax.set_ylabel("cos(anchor, completion) of mean trajectories")
-            title = "trajectory cosine to the anchor completion"
+            ax.set_ylabel("centred cos(anchor, completion) of mean trajectories")
+            title = "trajectory cosine to the anchor completion (centred on the set's mean trajectory)"
         else:
             ax.set_yscale("log")
             ax.set_ylabel("KL(anchor ‖ completion) of lens distributions (nats)")
             tokens = "averaged over the completion's tokens" if s["lens_tokens"] == "all" else "at its last token"
             title = f"logit-lens divergence from the anchor completion, {tokens}"
         ax.legend(loc="best")
-        ax.set_title(f"{title}\n{s['model']}, {s['n_groups']} groups (bands: ±1 s.e.; dashed: crossover layer)")
+        ax.set_title(f"{title}\n{s['model']}, {s['n_groups']} groups (bands: 95 % bootstrap interval over groups; "
+                     "dashed: crossover layer)")
         save(fig, path)
 
 
@@ -429,9 +520,11 @@ def plot_crossover(result: ContrastiveResult, path: str | Path) -> None:
             ax.text(0.5, 0.5, "the groups have no synonym and antonym relations", ha="center", transform=ax.transAxes)
         else:
             paired = result.cosine["synonym"] - result.cosine["antonym"]
-            mean, sem = paired.mean(axis=0), _sem(paired)
-            ax.plot(x, mean, marker="o", markersize=2.5, label="mean cos(syn) − cos(ant)")
-            ax.fill_between(x, mean - sem, mean + sem, alpha=0.2)
+            band = np.array(s["synonym_minus_antonym_by_layer_ci"], dtype=float)
+            ax.plot(x, paired.mean(axis=0), marker="o", markersize=2.5, label="mean cos(syn) − cos(ant), centred")
+            ax.fill_between(x, band[:, 0], band[:, 1], alpha=0.2, label="95 % interval (groups)")
+            raw = result.cosine_raw["synonym"] - result.cosine_raw["antonym"]
+            ax.plot(x, raw.mean(axis=0), color="0.5", linewidth=0.9, linestyle="--", label="same, raw cosine")
             ax.axhline(0, color="0.5", linewidth=0.8)
             ax.set_ylabel("synonym − antonym cosine")
             twin = ax.twinx()
@@ -444,7 +537,11 @@ def plot_crossover(result: ContrastiveResult, path: str | Path) -> None:
             lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
             ax.legend(lines, [ln.get_label() for ln in lines], loc="best")
         layer_axis(ax, s["n_layers"])
-        ax.set_title(f"meaning vs form — early order {s['early_order']}, crossover layer {s['crossover_layer']}")
+        stability = s.get("crossover_layer_stability")
+        extra = "" if stability is None else f"\nreproduced by {stability:.0%} of resamples of groups"
+        if s.get("crossover_sign_test_p") is not None:
+            extra += f"; sign test at the crossover p = {s['crossover_sign_test_p']:.2g}"
+        ax.set_title(f"meaning vs form — early order {s['early_order']}, crossover layer {s['crossover_layer']}{extra}")
         save(fig, path)
 
 
@@ -466,7 +563,7 @@ def plot_relations(result: ContrastiveResult, path: str | Path) -> None:
             ax.plot(x, values.mean(axis=0), color=PALETTE[k], linewidth=2)
             layer_axis(ax, s["n_layers"], label="layer")
             ax.set_title(f"{relation} ({values.shape[0]} groups)")
-        axes[0].set_ylabel("cos(anchor, completion)")
+        axes[0].set_ylabel("centred cos(anchor, completion)")
         for ax in axes[len(relations):]:
             ax.set_axis_off()
         fig.suptitle(f"every group's trajectory cosine, by relation — {s['model']}")
@@ -479,13 +576,13 @@ def run(job: Job) -> Result:
 
     params, render = job.params, job.render
     model_dir = job.input("model")
-    groups = load_groups(job.input("groups"), limit=params["max_groups"])
+    groups, sample = sample_groups(load_groups(job.input("groups")), params["max_groups"], params["seed"])
     adapter = load_model(model_dir, dtype=render["dtype"], device=job.device, kind="decoder")
     tokenizer = load_tokenizer(model_dir)
     result = contrastive(adapter, tokenizer, groups, model=job.model, system_prompt=render["system_prompt"],
-                         chat_template=render["chat_template"], lens_tokens=params["lens_tokens"])
+                         chat_template=render["chat_template"], lens_tokens=params["lens_tokens"], seed=params["seed"])
     return Result(
-        summary=result.summary,
+        summary={**result.summary, **sample},
         tables={"metrics": result.metrics, "per_group": result.per_group},
         figures={"cosine": partial(plot_curves, result, which="cosine"),
                  "kl": partial(plot_curves, result, which="kl"),
@@ -511,7 +608,7 @@ EXPERIMENT = Experiment(
                        'type': 'string',
                        'minLength': 1,
                        'default': 'resources/contrastive/groups.json'},
-            'max_groups': {'description': 'Use only the first N groups (null: all).',
+            'max_groups': {'description': 'Use a seeded random sample of N groups (null: all).',
                            'type': ['integer', 'null'],
                            'minimum': 1,
                            'default': None},

@@ -22,6 +22,14 @@ For each matrix W [vocab, d] (rows = tokens):
   word whose token another word already took. Per category the mean intra-category
   cosine and its lift over the global mean cosine; across categories the ratio of mean
   between- to within-category cosine distance, and the centroid cosine matrix.
+
+Uncertainty: the norms, the spectrum and the digit geometry are exact given the weights
+(the digits are all ten, not a sample). The category statistics are claims about the words
+chosen for each category: they get a bootstrap over the words (resampled words, pairs of two
+copies of one word left out) and the separation a null of ``n_perm`` permutations of the
+category labels among the words. The pentachoron CV ratio gets a bootstrap over the
+(embedding, Gaussian) simplex pairs, its Monte Carlo error. The summary's ``uncertainty`` is
+the word bootstrap's; without categories the summary is marked deterministic.
 """
 
 from __future__ import annotations
@@ -37,7 +45,11 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.engines.geometry import between_within_ratio, cayley_menger_volume, unit_rows
+from layerscope.engines.geometry import (
+    between_within_ratio, cayley_menger_volume, permuted_between_within, resample_counts, resampled_pair_means, unit_rows,
+)
+from layerscope.engines.statistics import Bootstrap, deterministic, null_summary, permutation_null
+from layerscope.experiments.geometry.residual_geometry import MemoStatistic
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.engines.spectra import dims_for_variance, entropy_effective_rank, participation_ratio, single_thread
 
@@ -120,14 +132,49 @@ def _percentiles(values: np.ndarray) -> dict:
     return {f"p{p}": float(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES))}
 
 
+def pentachoron_volumes(points_fn, n_simplices: int, rng: np.random.Generator) -> np.ndarray:
+    """The 4-volumes of ``n_simplices`` simplices drawn by ``points_fn(rng)`` (0 for a degenerate one)."""
+    return cayley_menger_volume(np.stack([points_fn(rng) for _ in range(n_simplices)]))
+
+
+def volume_cv(volumes: np.ndarray) -> np.ndarray:
+    """CV (population std / mean) of the positive volumes along the last axis (NaN with fewer than 2)."""
+    v = np.asarray(volumes, dtype=np.float64)
+    valid = v > 0
+    n = valid.sum(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(valid, v, 0).sum(-1) / n
+        var = np.where(valid, (v - mean[..., None]) ** 2, 0).sum(-1) / n
+        return np.where(n >= 2, np.sqrt(var) / mean, np.nan)
+
+
 def pentachoron_cv(points_fn, n_simplices: int, rng: np.random.Generator) -> tuple[float, float, int]:
     """(CV, mean volume, valid count) of the 4-volumes of ``n_simplices`` simplices drawn by ``points_fn(rng)``."""
-    simplices = np.stack([points_fn(rng) for _ in range(n_simplices)])
-    volumes = cayley_menger_volume(simplices)
+    volumes = pentachoron_volumes(points_fn, n_simplices, rng)
     valid = volumes[volumes > 0]
     if len(valid) < 2:
         return float("nan"), float("nan"), int(len(valid))
     return float(valid.std() / valid.mean()), float(valid.mean()), int(len(valid))
+
+
+def category_statistics(cosines: np.ndarray, labels: np.ndarray, names: list[str], counts: np.ndarray,
+                        cosine_mean: float) -> dict[str, np.ndarray]:
+    """Category statistics of words with pairwise cosines [n, n] and categories ``labels``, for resample
+    counts [B, n] (ones: the words themselves): per category the mean cosine over pairs of distinct words
+    (``intra_<name>``), their mean over categories, its lift over ``cosine_mean``, and the between / within
+    ratio of mean cosine distance (1 − cos). Pairs of two copies of one word are left out."""
+    labels = np.asarray(labels)
+    same = labels[:, None] == labels[None, :]
+    masks = {f"intra_{c}": same & (labels[:, None] == c) for c in names}
+    out = resampled_pair_means(cosines, masks, counts)
+    distances = resampled_pair_means(1.0 - cosines, {"within": same, "between": ~same}, counts)
+    intra = np.stack([out[f"intra_{c}"] for c in names], axis=-1)
+    finite = np.isfinite(intra)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["intra_mean"] = np.where(finite.all(-1), np.where(finite, intra, 0).sum(-1) / len(names), np.nan)
+        out["lift_mean"] = out["intra_mean"] - cosine_mean
+        out["separation"] = np.where(distances["within"] > 0, distances["between"] / distances["within"], np.nan)
+    return out
 
 
 @dataclass
@@ -143,6 +190,7 @@ class MatrixGeometry:
     categories: pd.DataFrame | None = None  # per category: n_words, intra_cosine, lift
     centroid_cos: np.ndarray | None = None
     words: pd.DataFrame | None = None
+    boot: Bootstrap | None = None  # over the category words, when categories are measured
 
 
 def _lookup_words(tokenizer, categories: dict[str, list[str]], min_words: int) -> pd.DataFrame:
@@ -168,7 +216,8 @@ def _lookup_words(tokenizer, categories: dict[str, list[str]], min_words: int) -
 
 
 def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str, list[str]], *, cosine_sample: int,
-                    n_simplices: int, min_category_words: int, seed: int) -> MatrixGeometry:
+                    n_simplices: int, min_category_words: int, seed: int, n_perm: int = 1000,
+                    n_boot: int | None = None) -> MatrixGeometry:
     w = w.detach().float().cpu()
     vocab, d = w.shape
     rng = np.random.default_rng(seed)
@@ -199,12 +248,20 @@ def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str,
 
     w_np = w.numpy()
     sigma = float(np.sqrt(lam.sum() / d))  # isotropic Gaussian with the same total variance
-    cv, mean_vol, valid = pentachoron_cv(lambda g: w_np[g.choice(vocab, size=5, replace=False)].astype(np.float64),
-                                         n_simplices, rng)
-    cv_g, mean_vol_g, valid_g = pentachoron_cv(lambda g: g.normal(0.0, sigma, size=(5, d)), n_simplices, rng)
+    volumes = pentachoron_volumes(lambda g: w_np[g.choice(vocab, size=5, replace=False)].astype(np.float64),
+                                  n_simplices, rng)
+    volumes_g = pentachoron_volumes(lambda g: g.normal(0.0, sigma, size=(5, d)), n_simplices, rng)
+    cv, cv_g = float(volume_cv(volumes)), float(volume_cv(volumes_g))
+    valid, valid_g = volumes[volumes > 0], volumes_g[volumes_g > 0]
+    mean_vol = float(valid.mean()) if len(valid) else float("nan")
+    mean_vol_g = float(valid_g.mean()) if len(valid_g) else float("nan")
     s.update(pentachoron_cv=cv, pentachoron_cv_gaussian=cv_g, pentachoron_cv_ratio=cv / cv_g,
-             pentachoron_volume_ratio=mean_vol / mean_vol_g, pentachoron_valid=valid,
-             pentachoron_valid_gaussian=valid_g)
+             pentachoron_volume_ratio=mean_vol / mean_vol_g, pentachoron_valid=int(len(valid)),
+             pentachoron_valid_gaussian=int(len(valid_g)))
+    # Monte Carlo uncertainty of the ratio: the (embedding, Gaussian) simplex pairs are i.i.d.; resample them
+    simplices = Bootstrap(n_simplices, unit="simplex", seed=seed, **({"n_boot": n_boot} if n_boot else {}))
+    _, s["pentachoron_cv_ratio_ci"] = simplices.interval(volumes, volumes_g,
+                                                         statistic=lambda a, b: volume_cv(a) / volume_cv(b))
 
     result = MatrixGeometry(name, s, norms.astype(np.float32), hist, lam)
 
@@ -240,14 +297,20 @@ def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str,
     if len(names) >= 2:
         wu = unit_rows(w[torch.tensor(used["token_id"].to_numpy())]).numpy()
         labels = used["category"].to_numpy()
+        cosines = wu @ wu.T
+        boot = Bootstrap(len(labels), unit="word", seed=seed, **({"n_boot": n_boot} if n_boot else {}))
+        memo = MemoStatistic(lambda index: category_statistics(cosines, labels, names,
+                                                       resample_counts(index, len(labels)), s["cosine_mean"]))
+        units = np.arange(len(labels))
         rows = []
         centroids = []
         for c in names:
             member = wu[labels == c]
             cc = member @ member.T
             intra = float(cc[np.triu_indices(len(member), k=1)].mean())
+            _, ci = boot.interval(units, statistic=lambda i, c=c: memo(i)[f"intra_{c}"])
             rows.append({"category": c, "n_words": len(member), "intra_cosine": intra,
-                         "lift": intra - s["cosine_mean"]})
+                         "lift": intra - s["cosine_mean"], "intra_cosine_ci_low": ci[0], "intra_cosine_ci_high": ci[1]})
             centroids.append(member.mean(axis=0))
         table = pd.DataFrame(rows)
         cu = unit_rows(np.stack(centroids)).numpy()
@@ -255,10 +318,25 @@ def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str,
         s.update(category_intra_cosine_mean=float(table["intra_cosine"].mean()),
                  category_lift_mean=float(table["lift"].mean()), category_separation=sep["ratio"],
                  n_categories=len(names))
-        result.categories, result.centroid_cos = table, cu @ cu.T
+        for key, stat in (("category_intra_cosine_mean", "intra_mean"), ("category_lift_mean", "lift_mean"),
+                          ("category_separation", "separation")):
+            _, s[f"{key}_ci"] = boot.interval(units, statistic=lambda i, stat=stat: memo(i)[stat])
+        perms: list[np.ndarray] = []
+        permutation_null(lambda perm: perms.append(np.asarray(perm)) or 0.0, labels, n_perm=n_perm, seed=seed)
+        null = permuted_between_within(1.0 - cosines, perms)[:, 0]
+        ns = null_summary(float(sep["ratio"]), null)
+        s.update(category_separation_null_mean=ns["null_mean"], category_separation_null_q95=ns["null_q"],
+                 category_separation_p_value=ns["p_value"], n_perm=int(n_perm))
+        if ns["p_value"] > 0.05:
+            boot.flag("category_separation is not above its word-label permutation null (p > 0.05)")
+        result.categories, result.centroid_cos, result.boot = table, cu @ cu.T, boot
     else:
-        s.update(category_intra_cosine_mean=None, category_lift_mean=None, category_separation=None, n_categories=0)
+        s.update(category_intra_cosine_mean=None, category_lift_mean=None, category_separation=None, n_categories=0,
+                 category_intra_cosine_mean_ci=None, category_lift_mean_ci=None, category_separation_ci=None,
+                 category_separation_null_mean=None, category_separation_null_q95=None,
+                 category_separation_p_value=None, n_perm=0)
     return result
+
 
 
 # ---------------------------------------------------------------------------- the experiment
@@ -276,9 +354,11 @@ class EmbeddingGeometryResult:
 HEADLINE = (
     "norm_mean", "norm_cv", "cosine_mean", "participation_ratio", "participation_ratio_frac", "effective_rank",
     "dims_80", "dims_90", "dims_95", "dims_99", "top_eigen_fraction", "pentachoron_cv", "pentachoron_cv_gaussian",
-    "pentachoron_cv_ratio", "pentachoron_volume_ratio", "digit_distance_pearson", "digit_distance_spearman",
-    "digit_adjacent_minus_nonadjacent", "category_intra_cosine_mean", "category_lift_mean", "category_separation",
-    "n_category_words", "n_skipped_words",
+    "pentachoron_cv_ratio", "pentachoron_cv_ratio_ci", "pentachoron_volume_ratio", "digit_distance_pearson",
+    "digit_distance_spearman", "digit_adjacent_minus_nonadjacent", "category_intra_cosine_mean",
+    "category_intra_cosine_mean_ci", "category_lift_mean", "category_lift_mean_ci", "category_separation",
+    "category_separation_ci", "category_separation_null_mean", "category_separation_null_q95",
+    "category_separation_p_value", "n_perm", "n_category_words", "n_skipped_words",
 )
 
 
@@ -291,13 +371,15 @@ def embedding_matrices(adapter) -> dict[str, torch.Tensor]:
 
 
 def embedding_geometry(adapter, tokenizer, categories: dict[str, list[str]], *, model: str, cosine_sample: int = 4000,
-                       n_simplices: int = 1000, min_category_words: int = 3, seed: int = 0) -> EmbeddingGeometryResult:
+                       n_simplices: int = 1000, min_category_words: int = 3, seed: int = 0, n_perm: int = 1000,
+                       n_boot: int | None = None) -> EmbeddingGeometryResult:
     if cosine_sample < 2 or n_simplices < 2:
         raise LayerscopeError("embedding_geometry needs cosine_sample ≥ 2 and n_simplices ≥ 2")
     matrices = []
     for name, weight in embedding_matrices(adapter).items():
         matrices.append(matrix_geometry(name, weight, tokenizer, categories, cosine_sample=cosine_sample,
-                                        n_simplices=n_simplices, min_category_words=min_category_words, seed=seed))
+                                        n_simplices=n_simplices, min_category_words=min_category_words, seed=seed,
+                                        n_perm=n_perm, n_boot=n_boot))
         log.info("embedding geometry: %s done", name)
 
     records, words, spectra = [], [], []
@@ -333,10 +415,19 @@ def embedding_geometry(adapter, tokenizer, categories: dict[str, list[str]], *, 
         **{key: first.get(key) for key in HEADLINE},
     }
     for m in matrices[1:]:
-        for key in ("participation_ratio", "cosine_mean", "pentachoron_cv_ratio", "category_separation"):
+        for key in ("participation_ratio", "cosine_mean", "pentachoron_cv_ratio", "category_separation",
+                    "category_separation_ci", "category_separation_p_value"):
             summary[f"{m.name}_{key}"] = m.scalars.get(key)
     summary["skipped_words"] = first["skipped_words"]
     summary["by_matrix"] = {m.name: m.scalars for m in matrices}
+    boot = matrices[0].boot
+    if boot is None:  # no category claims: every number is a function of the weights (and the seeded samples)
+        summary.update(deterministic("the weights (and the seeded token and simplex samples)"))
+    else:
+        for m in matrices[1:]:
+            for reason in (m.boot.reasons if m.boot is not None else []):
+                boot.flag(f"{m.name}: {reason}")
+        summary.update(boot.summary())
     return EmbeddingGeometryResult(matrices, metrics, words_frame, eigen, summary)
 
 
@@ -367,7 +458,11 @@ def plot_overview(result: EmbeddingGeometryResult, path: str | Path) -> None:
                 axes[1, 1].plot([g for g in range(1, 10) if (gap == g).any()], means, color=color)
             if m.categories is not None:
                 y = np.arange(len(m.categories)) + 0.38 * k
-                axes[1, 2].barh(y, m.categories["lift"], height=0.38, color=color, label=m.name)
+                lift_lo = m.categories["intra_cosine_ci_low"] - sc["cosine_mean"]
+                lift_hi = m.categories["intra_cosine_ci_high"] - sc["cosine_mean"]
+                xerr = np.vstack([m.categories["lift"] - lift_lo, lift_hi - m.categories["lift"]])
+                axes[1, 2].barh(y, m.categories["lift"], height=0.38, color=color, label=m.name, xerr=xerr,
+                                error_kw={"elinewidth": 0.8, "capsize": 2})
                 axes[1, 2].set_yticks(np.arange(len(m.categories)) + 0.19 * (len(result.matrices) - 1))
                 axes[1, 2].set_yticklabels([f"{c} ({n})" for c, n in zip(m.categories["category"],
                                                                              m.categories["n_words"])])
@@ -384,7 +479,9 @@ def plot_overview(result: EmbeddingGeometryResult, path: str | Path) -> None:
         ax.bar(["embedding", "Gaussian"], [sc["pentachoron_cv"], sc["pentachoron_cv_gaussian"]],
                color=[PALETTE[0], "0.6"])
         ax.set_ylabel("CV of pentachoron volume")
-        ax.set_title(f"{s['n_simplices']} random 5-token simplices (ratio {sc['pentachoron_cv_ratio']:.2f})")
+        lo, hi = sc["pentachoron_cv_ratio_ci"]
+        ax.set_title(f"{s['n_simplices']} random 5-token simplices (ratio {sc['pentachoron_cv_ratio']:.2f} "
+                     f"[{lo:.2f}, {hi:.2f}])")
         axes[1, 1].set_xlabel("|i − j| of digit tokens i, j")
         axes[1, 1].set_ylabel("cosine")
         axes[1, 2].axvline(0, color="0.5", linewidth=0.8)
@@ -431,6 +528,7 @@ def run(job: Job) -> Result:
     result = embedding_geometry(
         adapter, tokenizer, categories, model=job.model, cosine_sample=params["cosine_sample"],
         n_simplices=params["n_simplices"], min_category_words=params["min_category_words"], seed=params["seed"],
+        n_perm=params["n_perm"],
     )
     return Result(
         summary=result.summary,
@@ -470,7 +568,12 @@ EXPERIMENT = Experiment(
                                                   'words.',
                                    'type': 'integer',
                                    'minimum': 2,
-                                   'default': 3}},
+                                   'default': 3},
+            'n_perm': {'description': 'Permutations of the category labels among the words for the null of the '
+                                      'category separation.',
+                       'type': 'integer',
+                       'minimum': 1,
+                       'default': 1000}},
     threads=1,
     runtime=60,
 )
