@@ -278,7 +278,7 @@ def test_separation_against_a_plain_loop(paired):
     from layerscope.experiments.z_subspace.z_separation import z_separation
 
     states, mask = paired
-    result = z_separation(states, mask, model="s", prompt_set="p")
+    result = z_separation(states, mask, model="s", prompt_set="p", n_random_subspaces=100)
     zh, en = states.pooled(3)
     z = mask.basis(3, 16).double()
     p = z.T @ z
@@ -313,7 +313,7 @@ def test_update_decomposition_against_a_plain_loop(paired):
     from layerscope.experiments.z_subspace.update_decomposition import chance_ratio, update_decomposition
 
     states, mask = paired
-    result = update_decomposition(states, mask, model="s", prompt_set="p")
+    result = update_decomposition(states, mask, model="s", prompt_set="p", n_random_subspaces=100)
     assert result.summary["skipped_combos"] == ["L1/k64", "L3/k64"]  # R is undefined for k = d
     z = mask.basis(1, 4).double()
     p = z.T @ z
