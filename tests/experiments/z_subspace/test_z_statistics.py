@@ -220,3 +220,62 @@ def test_update_null_finds_a_planted_block_and_nothing_in_a_random_basis():
     few = update_decomposition(states, _mask({(0, k): s}, d, n_layers), model="m", prompt_set="p",
                                n_random_subspaces=100).summary
     assert any("Holm" in r for r in few["underpowered_reasons"])  # 2·4/101 ≥ 0.05: cannot be significant
+
+
+# ---------------------------------------------------------------------------- bridge
+
+
+def test_nested_loo_weights_equal_explicit_refits():
+    from layerscope.experiments.z_subspace.bridge import (NestedLoo, derangements, loo_predictions,
+                                                          nested_loo_predictions, nested_r2)
+
+    rng = np.random.default_rng(3)
+    grid = [0, 0.01, 0.3, 3]
+    for intercept in (True, False):
+        for n, k in ((9, 3), (8, 12)):  # over- and underdetermined
+            x = rng.standard_normal((n, k))
+            y = 0.5 * x @ rng.standard_normal((k, k)) + rng.standard_normal((n, k))
+            loo = NestedLoo.build(x, grid, intercept=intercept)
+            for g, alpha in enumerate(grid):
+                np.testing.assert_allclose(loo.plain_predictions(y)[g], loo_predictions(x, y, alpha, intercept=intercept),
+                                           atol=1e-9)
+            pred, chosen = loo.nested_predictions(y[None])
+            ref, ref_alpha = nested_loo_predictions(x, y, grid, intercept=intercept)
+            np.testing.assert_allclose(pred[0], ref, atol=1e-9)
+            assert [grid[c] for c in chosen[0]] == ref_alpha
+            perms = np.vstack([np.arange(n)[None], derangements(n, 20, 0)])
+            gram = y @ y.T
+            np.testing.assert_allclose(loo.nested_r2_from_gram(gram[perms[:, :, None], perms[:, None, :]]),
+                                       nested_r2(y[perms], loo.nested_predictions(y[perms])[0]), atol=1e-12)
+
+
+def test_nested_loo_r2_is_not_the_best_score_of_the_grid_it_chose_on():
+    """Pure noise: the old number (LOO R² maximised over the grid) is positive here; the nested one is not."""
+    from layerscope.experiments.z_subspace.bridge import bridge_fit, nested_loo_predictions, r2
+
+    grid = [0, 0.01, 0.1, 1, 10, 100]
+    rng = np.random.default_rng(20)
+    x, y = rng.standard_normal((10, 3)), rng.standard_normal((10, 3))
+    fit = bridge_fit(x, y, grid, n_shuffles=300)
+    assert fit.loo_r2_best_of_grid > 0.05  # what loo_r2 used to report
+    assert fit.loo_r2 <= 0 and fit.loo_r2 == pytest.approx(r2(y, nested_loo_predictions(x, y, grid)[0]))
+    assert fit.null_summary["p_value"] > 0.05
+    lo, hi = fit.loo_r2_ci
+    assert lo <= fit.loo_r2 <= hi
+    # over many noise sets the nested score is never above the best-of-grid score and is ≤ 0 on average
+    gaps, nested = [], []
+    for seed in range(40):
+        r = np.random.default_rng(1000 + seed)
+        f = bridge_fit(r.standard_normal((10, 3)), r.standard_normal((10, 3)), grid, n_shuffles=10)
+        gaps.append(f.loo_r2_best_of_grid - f.loo_r2)
+        nested.append(f.loo_r2)
+    assert min(gaps) >= -1e-12 and np.mean(gaps) > 0.02 and np.mean(nested) < 0
+
+
+def test_derangements_have_no_fixed_point_and_are_seeded():
+    from layerscope.experiments.z_subspace.bridge import derangements
+
+    perms = derangements(7, 300, seed=4)
+    assert perms.shape == (300, 7) and not (perms == np.arange(7)).any(axis=1).any()
+    assert (np.sort(perms, axis=1) == np.arange(7)).all()
+    assert np.array_equal(perms, derangements(7, 300, seed=4)) and len({tuple(p) for p in perms}) > 100
