@@ -279,3 +279,58 @@ def test_derangements_have_no_fixed_point_and_are_seeded():
     assert perms.shape == (300, 7) and not (perms == np.arange(7)).any(axis=1).any()
     assert (np.sort(perms, axis=1) == np.arange(7)).all()
     assert np.array_equal(perms, derangements(7, 300, seed=4)) and len({tuple(p) for p in perms}) > 100
+
+
+# ---------------------------------------------------------------------------- z_patching
+
+
+def _patching_table(n, *, z_changes, z_perp_changes, z_keeps_language=True, z_perp_flips_language=True):
+    rows = []
+    for i in range(n):
+        base = {"pair": f"p{i}", "layer": None, "k": None, "source": None}
+        rows.append({**base, "condition": "none", "extracted": 1.0, "language": "en", "correct": True,
+                     "token_ids": [1, 2, 3]})
+        for cond, changes, lang in (("z", z_changes, "en" if z_keeps_language else "zh"),
+                                    ("z_perp", z_perp_changes, "zh" if z_perp_flips_language else "en"),
+                                    ("random", False, "en")):
+            rows.append({**base, "condition": cond, "layer": 1, "k": 4, "source": "mean",
+                         "extracted": 2.0 if changes else 1.0, "language": lang, "correct": not changes,
+                         "token_ids": [1, 2, 4] if cond == "z" else [5, 6]})
+        rows.append({**base, "condition": "full", "layer": 1, "k": None, "source": "mean", "extracted": 2.0,
+                     "language": "zh", "correct": False, "token_ids": [1, 2, 4]})
+    return pd.DataFrame(rows).astype({"layer": "Int64", "k": "Int64"})
+
+
+def test_a_verdict_needs_intervals_that_separate_the_conditions():
+    from layerscope.experiments.z_subspace.z_patching import derived_rates, verdict_point
+
+    few = derived_rates(_patching_table(4, z_changes=True, z_perp_changes=False))[0]
+    # 4 of 4 against 0 of 4 looked like a double dissociation; the exact intervals overlap
+    assert verdict_point(few) == "double_dissociation" and few["verdict_point"] == "double_dissociation"
+    assert few["verdict"] == "insufficient data"
+    assert few["z_answer_change_ci"] == pytest.approx(st.binomial_interval(4, 4))
+    assert few["z_answer_change_ci"][0] < few["z_perp_answer_change_ci"][1]
+    many = derived_rates(_patching_table(30, z_changes=True, z_perp_changes=False))[0]
+    assert many["verdict"] == "double_dissociation" and many["z_specific"]
+    assert many["full_resembles"] == "z"
+    partial = derived_rates(_patching_table(30, z_changes=True, z_perp_changes=False, z_keeps_language=False))[0]
+    assert partial["verdict"] == "partial"
+    null = derived_rates(_patching_table(30, z_changes=False, z_perp_changes=True))[0]
+    assert null["verdict"] == "null"
+    for r in (few, many, partial, null):
+        for key, value in r.items():
+            if key.endswith("_ci"):
+                lo, hi = value
+                assert math.isfinite(lo) and math.isfinite(hi) and lo <= r[key[:-3]] <= hi
+
+
+def test_the_random_condition_draws_its_own_subspace_for_every_pair():
+    from layerscope.experiments.z_subspace.z_patching import pair_random_basis
+
+    a = pair_random_basis(32, 5, seed=0, layer=3, pair="p1")
+    assert a.shape == (5, 32) and a.dtype == torch.float32
+    torch.testing.assert_close(a @ a.T, torch.eye(5), atol=1e-6, rtol=0)
+    assert torch.equal(a, pair_random_basis(32, 5, seed=0, layer=3, pair="p1"))
+    for other in (dict(pair="p2"), dict(layer=4, pair="p1"), dict(seed=1, pair="p1")):
+        b = pair_random_basis(32, 5, **{"seed": 0, "layer": 3, **other})
+        assert (a.T @ a - b.T @ b).abs().max() > 0.1  # a different subspace
