@@ -334,3 +334,27 @@ def test_the_random_condition_draws_its_own_subspace_for_every_pair():
     for other in (dict(pair="p2"), dict(layer=4, pair="p1"), dict(seed=1, pair="p1")):
         b = pair_random_basis(32, 5, **{"seed": 0, "layer": 3, **other})
         assert (a.T @ a - b.T @ b).abs().max() > 0.1  # a different subspace
+
+
+# ---------------------------------------------------------------------------- ard_mmd
+
+
+def test_overlap_p_value_is_the_hypergeometric_tail():
+    from layerscope.experiments.z_subspace.ard_mmd import overlap_p_value, overlap_with_energy
+
+    d = 20
+    energy = np.linspace(1, 0, d)
+    active = np.zeros(d, bool)
+    active[:5] = True  # exactly the 5 most energetic dimensions
+    assert overlap_with_energy(active, energy) == 1.0
+    assert overlap_p_value(active, energy) == pytest.approx(1 / math.comb(20, 5))
+    rng = np.random.default_rng(0)
+    sims = []
+    for _ in range(4000):
+        a = np.zeros(d, bool)
+        a[rng.choice(d, 5, replace=False)] = True
+        sims.append(overlap_with_energy(a, energy))
+    shifted = np.zeros(d, bool)
+    shifted[[0, 1, 2, 10, 15]] = True  # overlap 3/5
+    assert overlap_p_value(shifted, energy) == pytest.approx(np.mean(np.array(sims) >= 0.6 - 1e-12), abs=0.01)
+    assert math.isnan(overlap_p_value(np.zeros(d, bool), energy))

@@ -675,6 +675,13 @@ def test_ard_mmd_outputs(paired):
     result = ard_mmd(states, mask, model="s", prompt_set="p", lambdas=[0.01, 0.1], steps=30, lr=0.05, warm_start_k=16)
     s = result.summary
     assert s["combos"] == ["L1/λ0.01", "L1/λ0.1", "L3/λ0.01", "L3/λ0.1"]
+    for key in ("mmd_init", "mmd_final"):
+        for value, (lo, hi) in zip(s[key], s[f"{key}_ci"]):
+            assert np.isfinite([lo, hi]).all() and lo <= value <= hi
+    for run, row in zip(result.runs.values(), s["by_run"]):
+        assert row["mmd_final"] == pytest.approx(float(run.mmd[-1]), rel=1e-5)  # float32 mean vs float64 mean
+    assert s["uncertainty"]["unit"] == "pair" and s["underpowered"]  # 4 pairs
+    assert all(p != p or 0 < p <= 1 for p in s["overlap_z_k16_p_value"])
     assert s["warm_start_k"] == 16 and all(0 <= n <= 64 for n in s["n_active"])
     assert len(result.trajectory) == 4 * 31 and len(result.lengthscales) == 4 * 64
     assert all(0 <= o <= 1 for o in s["overlap_z_k16"] if o == o)
