@@ -773,6 +773,29 @@ def _defaults(name, **overrides):
     return {**params, "seed": 0, **overrides}
 
 
+def _check_uncertainty(summary):
+    """Every summary says how sure it is; every interval is finite and holds its point value."""
+    assert set(summary["uncertainty"]) == {"unit", "n_units", "n_boot", "level", "method"}
+    assert summary["uncertainty"]["unit"] == "pair" and isinstance(summary["underpowered"], bool)
+    assert summary["underpowered"] == bool(summary["underpowered_reasons"])
+
+    def check(point, ci):
+        if isinstance(point, list):
+            assert isinstance(ci, list) and len(ci) == len(point)
+            for p, c in zip(point, ci):
+                check(p, c)
+        elif isinstance(point, (int, float)) and not isinstance(point, bool) and math.isfinite(point):
+            lo, hi = ci
+            assert math.isfinite(lo) and math.isfinite(hi) and lo - 1e-9 <= point <= hi + 1e-9, (point, ci)
+
+    n = 0
+    for key, ci in summary.items():
+        if key.endswith("_ci") and key[:-3] in summary:
+            check(summary[key[:-3]], ci)
+            n += 1
+    assert n >= 1
+
+
 def test_the_suite_runs_through_the_registry(paired, stories_dir, tmp_path):
     """z_mask writes its mask as a file output; the five readers read it as input "mask" and write what they declare."""
     from safetensors import safe_open
@@ -798,7 +821,9 @@ def test_the_suite_runs_through_the_registry(paired, stories_dir, tmp_path):
     inputs = {"mask": out["file_z_mask"], "resid": str(act / "resid.safetensors"),
               "tokens": str(act / "tokens.parquet"), "prompts": str(prompts)}
     overrides = {"z_patching": {"max_pairs": 2, "max_new_tokens": 4, "sources": ["mean"]},
-                 "ard_mmd": {"lambdas": [0.01], "steps": 10, "lr": 0.05}, "bridge": {"ridge": [0, 0.1]}}
+                 "ard_mmd": {"lambdas": [0.01], "steps": 10, "lr": 0.05},
+                 "bridge": {"ridge": [0, 0.1], "n_shuffles": 50},
+                 "z_separation": {"n_random_subspaces": 50}, "update_decomposition": {"n_random_subspaces": 50}}
     results = {}
     for name in ("z_separation", "update_decomposition", "z_patching", "ard_mmd", "bridge"):
         exp = get(name)
@@ -811,8 +836,13 @@ def test_the_suite_runs_through_the_registry(paired, stories_dir, tmp_path):
         assert all(Path(path).is_file() for path in out.values()), name
         summary = json.loads(Path(out["summary"]).read_text())
         assert summary["provenance"]["experiment"] == name and summary["n_pairs"] == (2 if name == "z_patching" else 4)
+        _check_uncertainty(summary)
+        # the pair sample: stratified by category (one of each for 2 pairs), listed by pair id
+        assert summary["prompt_categories"] == ({"add": 1, "mul": 1} if name == "z_patching" else {"add": 2, "mul": 2})
+        assert len(summary["prompt_ids"]) == summary["n_pairs"] and summary["n_pairs_available"] == 4
     assert (tmp_path / "z_patching/table.md").read_text().count("## layer") == 2 * 2
-    direct = bridge(states, mask, model="stories", prompt_set="pairs", ridge=[0, 0.1], intercept=True, seed=0)
+    direct = bridge(states, mask, model="stories", prompt_set="pairs", ridge=[0, 0.1], intercept=True, seed=0,
+                    n_shuffles=50)
     assert results["bridge"].summary == direct.summary
     with safe_open(str(tmp_path / "z_mask/z_mask.safetensors"), framework="pt") as handle:
         assert "z.1.4" in handle.keys()
