@@ -6,11 +6,16 @@ the same answer), restricted to the prompts present in the cache, and each promp
 states are those of its **problem text** — the tokens whose role is ``prompt``, without the
 system message, the chat-template tokens or the completion. Mean pooling averages over
 exactly these tokens; token clouds (ARD-MMD, optimal transport) are exactly these tokens.
+
+A subset of the pairs (``max_pairs``) is a seeded sample stratified by category
+(:func:`layerscope.engines.sampling.stratified_sample` on the pair ids), never the first N of
+the file; :attr:`PairedStates.sample` is the summary fragment that lists it (``prompt_ids``
+are pair ids, ``prompt_categories`` counts pairs per category).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +24,7 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.data.prompts import PromptPair, load_prompt_set, zh_en_pairs
+from layerscope.engines.sampling import sample_summary, stratified_sample
 
 POOLED_ROLE = "prompt"
 POOLING = "mean over the tokens of the problem text (role 'prompt': no system, template or completion tokens)"
@@ -29,15 +35,21 @@ class PairedStates:
     cache: ActivationCache
     pairs: list[PromptPair]
     rows: dict[str, np.ndarray]  # prompt id -> cache rows of its problem-text tokens, in position order
+    sample: dict = field(default_factory=dict)  # prompt_ids (pair ids), prompt_categories, n_pairs_available
 
     @classmethod
-    def open(cls, cache_dir: str | Path, prompt_file: str | Path, *, max_pairs: int | None = None) -> "PairedStates":
+    def open(cls, cache_dir: str | Path, prompt_file: str | Path, *, max_pairs: int | None = None,
+             seed: int = 0) -> "PairedStates":
+        """The pairs of the cache; with ``max_pairs``, a seeded category-stratified sample of them."""
         cache = ActivationCache(cache_dir)
         tokens = cache.tokens
         ids = list(dict.fromkeys(tokens["prompt_id"]))
-        pairs = zh_en_pairs(load_prompt_set(prompt_file), ids=ids)
-        if max_pairs is not None:
-            pairs = pairs[: int(max_pairs)]
+        every = zh_en_pairs(load_prompt_set(prompt_file), ids=ids)
+        pair_ids = [p.pair for p in every]
+        categories = [p.category for p in every]
+        chosen = set(stratified_sample(pair_ids, categories, None if max_pairs is None else int(max_pairs), seed=seed))
+        pairs = [p for p in every if p.pair in chosen]  # file order
+        sample = {**sample_summary(pair_ids, categories, [p.pair for p in pairs]), "n_pairs_available": len(every)}
         pooled = tokens[tokens["role"] == POOLED_ROLE].sort_values(["prompt_id", "position"])
         by_prompt = {pid: g["row"].to_numpy() for pid, g in pooled.groupby("prompt_id", sort=False)}
         rows = {}
@@ -47,7 +59,7 @@ class PairedStates:
                 if r is None or len(r) == 0:
                     raise LayerscopeError(f"{cache.directory}: prompt {p.id!r} has no problem-text tokens in the cache")
                 rows[p.id] = r
-        return cls(cache, pairs, rows)
+        return cls(cache, pairs, rows, sample)
 
     @property
     def n_pairs(self) -> int:

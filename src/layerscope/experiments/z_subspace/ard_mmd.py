@@ -31,6 +31,15 @@ lengthscale spectrum, and its overlap with SVD-Z is the fraction of A among the 
 dimensions with the largest Z energy (chance |A|/d), per k, plus the Spearman correlation
 of log ℓ with e. The objective of every step is kept (convergence log); a run counts as
 converged when the objective changed by less than ``tol`` (relative) over its last 10% of steps.
+
+Uncertainty. The mean MMD² over pairs (at the warm start and at the end of each run) gets
+a bootstrap interval over pairs, from the per-pair MMD² at the fitted lengthscales (the
+lengthscales are held fixed: the interval is over which pairs were drawn, not over the
+optimisation). The overlap of A with Z claims structure, so it gets a null: the overlap of a
+random set of |A| dimensions with the |A| dimensions of largest Z energy is hypergeometric,
+and ``overlap_z_k{k}_p_value`` is the exact probability of an overlap at least as large. The
+active set itself is fitted once on all pairs and has no interval (a bootstrap would re-run
+the optimisation once per resample); runs that did not converge are flagged.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
+from layerscope.engines import statistics as st
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask, energy_per_dimension
@@ -156,6 +166,7 @@ class ArdRun:
     penalty: np.ndarray  # mean s/ℓ per step
     converged: bool
     relative_change: float
+    mmd_per_pair: np.ndarray | None = None  # MMD² of every pair at the final lengthscales
 
 
 def median_scale(clouds: BucketedClouds, init_ratio: torch.Tensor) -> float:
@@ -182,7 +193,8 @@ def optimise(clouds: BucketedClouds, init_ratio: torch.Tensor, scale: float, lam
         mmd_trace.append(float(mmd.detach()))
         penalty_trace.append(float(penalty.detach()))
     with torch.no_grad():
-        mmd = clouds.mmd2(scale * theta.exp()).mean()
+        per_pair = clouds.mmd2(scale * theta.exp())
+        mmd = per_pair.mean()
         penalty = torch.exp(-theta).mean()
         final = float(-mmd + lam * penalty)
     objective.append(final)
@@ -192,7 +204,8 @@ def optimise(clouds: BucketedClouds, init_ratio: torch.Tensor, scale: float, lam
     ref = objective[-tail]
     change = abs(final - ref) / max(abs(ref), abs(final), 1e-12)
     return ArdRun(lam, theta.detach().cpu().numpy().astype(np.float64), np.array(objective), np.array(mmd_trace),
-                  np.array(penalty_trace), bool(change < tol), float(change))
+                  np.array(penalty_trace), bool(change < tol), float(change),
+                  per_pair.detach().cpu().numpy().astype(np.float64))
 
 
 def standardise(clouds: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -226,6 +239,17 @@ def overlap_with_energy(active: np.ndarray, energy: np.ndarray) -> float:
     return float(active[top].sum() / n)
 
 
+def overlap_p_value(active: np.ndarray, energy: np.ndarray) -> float:
+    """P(overlap ≥ observed) for a random set of |A| of the d dimensions (hypergeometric); NaN when A is empty or all."""
+    from scipy.stats import hypergeom
+
+    d, n = active.size, int(active.sum())
+    if n == 0 or n == d:
+        return float("nan")
+    hits = int(round(overlap_with_energy(active, energy) * n))
+    return float(hypergeom.sf(hits - 1, d, n, n))
+
+
 # ---------------------------------------------------------------------------- the experiment
 
 
@@ -240,7 +264,7 @@ class ArdResult:
 
 def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, lambdas: Sequence[float], steps: int,
             lr: float, warm_start_k: int | None = None, epsilon: float = 0.1, off_ratio: float = 10.0, tol: float = 1e-3,
-            device: torch.device | str = "cpu") -> ArdResult:
+            device: torch.device | str = "cpu", seed: int = 0) -> ArdResult:
     cache = states.cache
     mask.check_fits(cache.n_layers, cache.d_model, f"the activation cache {cache.directory}")
     if not lambdas:
@@ -250,6 +274,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
         raise LayerscopeError(f"ard_mmd.warm_start_k = {k_warm} is not one of the Z-mask's k values {mask.ks}")
     d = mask.d_model
     log_off = math.log(off_ratio)
+    boot = st.Bootstrap(states.n_pairs, unit="pair", seed=seed)
     records, ls_rows, traj_rows, runs, combos = [], [], [], {}, []
     for layer in mask.layers:
         clouds = BucketedClouds(standardise(states.clouds(layer)), device=device)
@@ -257,27 +282,32 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
         init = warm_start(torch.from_numpy(energies[k_warm]), epsilon).to(torch.float32).to(device)
         scale = median_scale(clouds, init)
         with torch.no_grad():
-            mmd_init = float(clouds.mmd2(scale * init.exp()).mean())
+            init_per_pair = clouds.mmd2(scale * init.exp()).cpu().numpy().astype(np.float64)
+        mmd_init, mmd_init_ci = boot.interval(init_per_pair)
         for lam in lambdas:
             run = optimise(clouds, init, scale, float(lam), steps=steps, lr=lr, tol=tol)
             runs[(layer, float(lam))] = run
             active = run.log_ratio < log_off
             n_active = int(active.sum())
             init_active = init.cpu().numpy() < log_off
+            mmd_final, mmd_final_ci = boot.interval(run.mmd_per_pair)
             row = {"layer": layer, "lambda": float(lam), "n_active": n_active, "active_fraction": n_active / d,
-                   "mmd_init": mmd_init, "mmd_final": float(run.mmd[-1]), "objective_final": float(run.objective[-1]),
+                   "mmd_init": mmd_init, "mmd_init_ci": mmd_init_ci, "mmd_final": mmd_final,
+                   "mmd_final_ci": mmd_final_ci, "objective_final": float(run.objective[-1]),
                    "converged": run.converged, "relative_change_last_10pct": run.relative_change, "scale": scale,
                    "active_at_warm_start": int(init_active.sum()),
                    "changed_from_warm_start": float((active != init_active).mean())}
             for k in mask.ks:
                 row[f"overlap_z_k{k}"] = overlap_with_energy(active, energies[k])
+                row[f"overlap_z_k{k}_p_value"] = overlap_p_value(active, energies[k])
                 row[f"spearman_log_lengthscale_z_energy_k{k}"] = spearman(run.log_ratio, energies[k])
             row["overlap_chance"] = n_active / d
             combos.append(row)
             for key, value in row.items():
-                if key not in ("layer", "lambda") and not isinstance(value, bool):
-                    records.append((layer, float(lam), key, float(value)))
-            records.append((layer, float(lam), "converged", float(run.converged)))
+                if key not in ("layer", "lambda") and not isinstance(value, (bool, list)):
+                    lo, hi = row.get(f"{key}_ci", (np.nan, np.nan))
+                    records.append((layer, float(lam), key, float(value), lo, hi))
+            records.append((layer, float(lam), "converged", float(run.converged), np.nan, np.nan))
             for j in range(d):
                 ls_rows.append((layer, float(lam), j, float(run.log_ratio[j] / math.log(10)), bool(active[j]),
                                 float(energies[k_warm][j])))
@@ -285,7 +315,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
                 traj_rows.append((layer, float(lam), step, float(o), float(m_), float(p)))
             log.info("ARD layer %d λ=%g: %d/%d active, MMD² %.4g → %.4g, converged=%s (last-10%% change %.2g)",
                      layer, lam, n_active, d, mmd_init, run.mmd[-1], run.converged, run.relative_change)
-    frame = pd.DataFrame(records, columns=["layer", "lambda", "metric", "value"])
+    frame = pd.DataFrame(records, columns=["layer", "lambda", "metric", "value", "ci_lo", "ci_hi"])
     for f in (frame,):
         f.insert(0, "prompt_set", prompt_set)
         f.insert(0, "model", model)
@@ -293,10 +323,15 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
                                                   f"z_energy_k{k_warm}"])
     trajectory = pd.DataFrame(traj_rows, columns=["layer", "lambda", "step", "objective", "mmd2", "penalty"])
     pick = lambda key: [c[key] for c in combos]  # noqa: E731
+    unconverged = [f"L{c['layer']}/λ{c['lambda']:g}" for c in combos if not c["converged"]]
+    if unconverged:
+        boot.flag(f"{len(unconverged)} of {len(combos)} ARD runs did not converge ({', '.join(unconverged)}): their "
+                  "active sets are not final")
     summary = {
         "model": model,
         "prompt_set": prompt_set,
         "n_pairs": states.n_pairs,
+        **states.sample,
         "tokens": POOLING.replace("mean over", "token clouds of"),
         "objective": "minimise -mean_i MMD2_u(zh_i, en_i; l) + lambda * mean_j s/l_j (Adam on log l)",
         "d_model": d,
@@ -309,12 +344,18 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
         "combos": [f"L{c['layer']}/λ{c['lambda']:g}" for c in combos],
         "n_active": pick("n_active"),
         f"overlap_z_k{k_warm}": pick(f"overlap_z_k{k_warm}"),
+        f"overlap_z_k{k_warm}_p_value": pick(f"overlap_z_k{k_warm}_p_value"),
         "overlap_chance": pick("overlap_chance"),
         f"spearman_log_lengthscale_z_energy_k{k_warm}": pick(f"spearman_log_lengthscale_z_energy_k{k_warm}"),
+        "mmd_init": pick("mmd_init"),
+        "mmd_init_ci": pick("mmd_init_ci"),
         "mmd_final": pick("mmd_final"),
+        "mmd_final_ci": pick("mmd_final_ci"),
         "changed_from_warm_start": pick("changed_from_warm_start"),
         "n_converged": int(sum(c["converged"] for c in combos)),
         "n_runs": len(combos),
+        "n_active_uncertainty": "none: the active set is fitted once on all pairs",
+        **boot.summary(),
         "by_run": combos,
     }
     return ArdResult(frame, lengthscales, trajectory, summary, runs)
@@ -358,12 +399,16 @@ def plot_convergence(result: ArdResult, path: str | Path) -> None:
 
     s = result.summary
     with figure(1, 2, width=10.0, height=3.6) as (fig, axes):
-        for i, ((layer, lam), run) in enumerate(result.runs.items()):
+        for i, (((layer, lam), run), row) in enumerate(zip(result.runs.items(), s["by_run"])):
             label = f"L{layer} λ={lam:g}" + ("" if run.converged else " (not converged)")
             axes[0].plot(run.objective, color=PALETTE[i % 10], label=label)
             axes[1].plot(run.mmd, color=PALETTE[i % 10])
+            lo, hi = row["mmd_final_ci"]
+            last = len(run.mmd) - 1
+            axes[1].errorbar([last], [row["mmd_final"]], yerr=[[row["mmd_final"] - lo], [hi - row["mmd_final"]]],
+                             fmt="o", markersize=3, color=PALETTE[i % 10], capsize=3)
         axes[0].set_ylabel("objective  −MMD² + λ·mean(s/ℓ)")
-        axes[1].set_ylabel("mean unbiased MMD² over pairs")
+        axes[1].set_ylabel("mean unbiased MMD² over pairs (bar: 95 % over pairs)")
         for ax in axes:
             ax.set_xlabel("Adam step")
         axes[0].legend(loc="best", ncol=2)
@@ -378,7 +423,7 @@ def run(job: Job) -> Result:
     result = ard_mmd(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set,
                      lambdas=params["lambdas"], steps=params["steps"], lr=params["lr"],
                      warm_start_k=params["warm_start_k"], epsilon=params["epsilon"], off_ratio=params["off_ratio"],
-                     tol=params["tol"], device=job.device)
+                     tol=params["tol"], device=job.device, seed=params["seed"])
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics, "lengthscales": result.lengthscales,

@@ -8,7 +8,9 @@ block ℓ, changed by a forward pre-hook on that block):
 * ``z`` — h ← h + P_Z (s − h) = P_Z⊥ h + P_Z s   (Chinese Z content, English Z⊥);
 * ``z_perp`` — h ← h + P_Z⊥ (s − h) = P_Z h + P_Z⊥ s;
 * ``full`` — h ← s;
-* ``random`` — like ``z`` with the seeded random subspace of the same size.
+* ``random`` — like ``z`` with a Haar-random subspace of the same size, drawn afresh for every
+  pair (seeded by the run's seed, the layer, k and the pair id), so that the random
+  condition's rate averages over subspaces as well as over pairs.
 
 Written as h + P(s − h), a source equal to the state itself changes nothing, bit for bit.
 
@@ -37,15 +39,25 @@ Derived rates per (layer, k, source), over pairs, relative to the unpatched outp
 answer change (the extracted answer differs) for every condition; language preservation
 after ``z`` (the language class is unchanged) and language disruption after ``z_perp`` (it
 changed); full-patch resemblance = mean token-sequence similarity (difflib ratio) of the
-``full`` output with the ``z`` and with the ``z_perp`` output. Verdict:
+``full`` output with the ``z`` and with the ``z_perp`` output. Every rate k/n comes with its
+exact (Clopper–Pearson) 95 % interval; mean similarities with a bootstrap interval over pairs.
+Verdict, from the intervals (a pair is the unit; with few pairs most verdicts are
+``insufficient data``):
 
-* ``double_dissociation``: z changes answers (rate ≥ threshold) and preserves language
-  (≥ threshold), z_perp disrupts language (≥ threshold) and changes answers less often than
-  the threshold;
-* ``partial``: otherwise, z changes answers more often than z_perp by at least ``margin``;
-* ``null``: otherwise.
-``z_specific`` says whether z also beats the random subspace by ``margin``; the exact
-McNemar p-value compares the answer changes of z and z_perp pair by pair.
+* ``insufficient data``: the intervals of the Z and Z⊥ answer-change rates overlap — the
+  sample cannot separate the two conditions;
+* ``double_dissociation``: Z changes answers more often than Z⊥ (separated intervals, by at
+  least ``margin``), and the intervals put Z's answer change and language preservation and
+  Z⊥'s language disruption at or above ``threshold`` and Z⊥'s answer change below it;
+* ``partial``: Z changes answers more often than Z⊥ (separated, by at least ``margin``),
+  without the rest;
+* ``null``: the intervals are separated but Z does not change answers more often than Z⊥ by
+  ``margin``.
+
+``verdict_point`` applies the same thresholds to the point rates alone (the definition
+before intervals: it is not a finding). ``z_specific`` says whether Z's answer-change
+interval lies above the random subspace's, by at least ``margin``; the exact McNemar
+p-value compares the answer changes of z and z_perp pair by pair.
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ import logging
 import math
 import re
 import unicodedata
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -65,6 +78,7 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
+from layerscope.engines import statistics as st
 from layerscope.model.adapter import ModelAdapter
 from layerscope.jobs.io import write_text
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
@@ -289,10 +303,12 @@ def mcnemar_p(changed_a: Sequence[bool], changed_b: Sequence[bool]) -> float:
 
 
 _EPS = 1e-9  # rates are fractions of the pair count: 0.3 − 0.1 must count as 0.2
+INSUFFICIENT = "insufficient data"
+VERDICTS = ("double_dissociation", "partial", "null", INSUFFICIENT)
 
 
-def verdict(rates: dict, *, threshold: float = 0.5, margin: float = 0.2) -> str:
-    """double_dissociation / partial / null from the derived rates (see module docstring)."""
+def verdict_point(rates: dict, *, threshold: float = 0.5, margin: float = 0.2) -> str:
+    """double_dissociation / partial / null from the point rates alone (no interval)."""
     if (rates["z_answer_change"] >= threshold - _EPS and rates["z_language_preservation"] >= threshold - _EPS
             and rates["z_perp_language_disruption"] >= threshold - _EPS
             and rates["z_perp_answer_change"] < threshold - _EPS):
@@ -302,35 +318,72 @@ def verdict(rates: dict, *, threshold: float = 0.5, margin: float = 0.2) -> str:
     return "null"
 
 
-def derived_rates(table: pd.DataFrame, *, threshold: float = 0.5, margin: float = 0.2) -> list[dict]:
-    """Rates and verdict per (layer, k, source) from the per-output table."""
+def separated(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Whether two intervals [lo, hi] do not overlap."""
+    return a[0] > b[1] + _EPS or b[0] > a[1] + _EPS
+
+
+def verdict(rates: dict, *, threshold: float = 0.5, margin: float = 0.2) -> str:
+    """The verdict from the rates and their intervals ``…_ci`` (see module docstring)."""
+    z, zp = rates["z_answer_change_ci"], rates["z_perp_answer_change_ci"]
+    if not separated(z, zp):
+        return INSUFFICIENT
+    if not (z[0] > zp[1] and rates["z_answer_change"] - rates["z_perp_answer_change"] >= margin - _EPS):
+        return "null"
+    if (z[0] >= threshold - _EPS and zp[1] < threshold - _EPS
+            and rates["z_language_preservation_ci"][0] >= threshold - _EPS
+            and rates["z_perp_language_disruption_ci"][0] >= threshold - _EPS):
+        return "double_dissociation"
+    return "partial"
+
+
+def derived_rates(table: pd.DataFrame, *, threshold: float = 0.5, margin: float = 0.2,
+                  boot: st.Bootstrap | None = None) -> list[dict]:
+    """Rates, their intervals and the verdict per (layer, k, source) from the per-output table."""
     base = table[table["condition"] == "none"].set_index("pair")
+    pairs = list(base.index)
+    boot = boot or st.Bootstrap(len(pairs), unit="pair")
     out = []
     subspace_rows = table[table["condition"].isin(SUBSPACE_CONDITIONS)]
+
+    def rate(flags: Sequence[bool]) -> tuple[float, list[float]]:
+        hits = int(sum(bool(f) for f in flags))
+        return hits / len(flags), st.binomial_interval(hits, len(flags))
+
     for (layer, k, source), group in subspace_rows.groupby(["layer", "k", "source"], sort=False):
         full = table[(table["condition"] == "full") & (table["layer"] == layer) & (table["source"] == source)]
         by = {c: group[group["condition"] == c].set_index("pair") for c in SUBSPACE_CONDITIONS}
         by["full"] = full.set_index("pair")
-        pairs = list(base.index)
         rates: dict = {"layer": int(layer), "k": int(k), "source": source, "n_pairs": len(pairs)}
-        changed = {}
+        changed, lang_changed = {}, {}
         for cond, frame in by.items():
             changed[cond] = [not same_answer(_num(frame.at[p, "extracted"]), _num(base.at[p, "extracted"])) for p in pairs]
-            lang_changed = [frame.at[p, "language"] != base.at[p, "language"] for p in pairs]
-            rates[f"{cond}_answer_change"] = float(np.mean(changed[cond]))
-            rates[f"{cond}_language_change"] = float(np.mean(lang_changed))
-            rates[f"{cond}_accuracy"] = float(np.mean(frame.loc[pairs, "correct"]))
-        rates["z_language_preservation"] = 1.0 - rates["z_language_change"]
-        rates["z_perp_language_disruption"] = rates["z_perp_language_change"]
-        sim = lambda c: float(np.mean([similarity(by["full"].at[p, "token_ids"], by[c].at[p, "token_ids"])  # noqa: E731
-                                       for p in pairs]))
-        rates["full_resemblance_z"] = sim("z")
-        rates["full_resemblance_z_perp"] = sim("z_perp")
-        diff = rates["full_resemblance_z"] - rates["full_resemblance_z_perp"]
-        rates["full_resembles"] = "z" if diff > 1e-12 else ("z_perp" if diff < -1e-12 else "tie")
+            lang_changed[cond] = [frame.at[p, "language"] != base.at[p, "language"] for p in pairs]
+            for key, flags in (("answer_change", changed[cond]), ("language_change", lang_changed[cond]),
+                               ("accuracy", list(frame.loc[pairs, "correct"]))):
+                rates[f"{cond}_{key}"], rates[f"{cond}_{key}_ci"] = rate(flags)
+        rates["z_language_preservation"], rates["z_language_preservation_ci"] = rate(
+            [not c for c in lang_changed["z"]])
+        rates["z_perp_language_disruption"], rates["z_perp_language_disruption_ci"] = rate(lang_changed["z_perp"])
+        sims = {c: np.array([similarity(by["full"].at[p, "token_ids"], by[c].at[p, "token_ids"]) for p in pairs])
+                for c in ("z", "z_perp")}
+        for c in ("z", "z_perp"):
+            rates[f"full_resemblance_{c}"], rates[f"full_resemblance_{c}_ci"] = boot.interval(sims[c])
+        diff, diff_ci = boot.interval(sims["z"] - sims["z_perp"])
+        rates["full_resemblance_z_minus_z_perp"], rates["full_resemblance_z_minus_z_perp_ci"] = diff, diff_ci
+        if np.all(sims["z"] == sims["z_perp"]):
+            rates["full_resembles"] = "tie"
+        elif diff_ci[0] > 0:
+            rates["full_resembles"] = "z"
+        elif diff_ci[1] < 0:
+            rates["full_resembles"] = "z_perp"
+        else:
+            rates["full_resembles"] = INSUFFICIENT
         rates["answer_change_p_value"] = mcnemar_p(changed["z"], changed["z_perp"])
         rates["verdict"] = verdict(rates, threshold=threshold, margin=margin)
-        rates["z_specific"] = bool(rates["z_answer_change"] - rates["random_answer_change"] >= margin - _EPS)
+        rates["verdict_point"] = verdict_point(rates, threshold=threshold, margin=margin)
+        rates["z_specific"] = bool(rates["z_answer_change_ci"][0] > rates["random_answer_change_ci"][1] + _EPS
+                                   and rates["z_answer_change"] - rates["random_answer_change"] >= margin - _EPS)
         out.append(rates)
     return out
 
@@ -350,9 +403,20 @@ class PatchingResult:
     markdown: str
 
 
+def pair_random_basis(d: int, k: int, *, seed: int, layer: int, pair: str) -> torch.Tensor:
+    """The random condition's basis for one pair: a Haar-random k × d orthonormal basis seeded by (seed, layer, k, pair)."""
+    key = np.random.SeedSequence([int(seed) % 2**32, int(layer), int(k), zlib.crc32(str(pair).encode())])
+    q = st.random_subspaces(d, k, 1, seed=int(key.generate_state(1)[0]))[0]
+    return torch.from_numpy(np.ascontiguousarray(q.T)).to(torch.float32)
+
+
 def pair_patches(zh_states: torch.Tensor, en_states: torch.Tensor, en_positions: np.ndarray, mask: ZMask, layer: int,
-                 sources: Sequence[str], *, positions: str = "prompt") -> list[tuple[str, int, int | None, str, Patch]]:
-    """(condition, layer, k, source, patch) of every patched condition of one pair at one layer."""
+                 sources: Sequence[str], *, positions: str = "prompt",
+                 randoms: dict[int, torch.Tensor] | None = None) -> list[tuple[str, int, int | None, str, Patch]]:
+    """(condition, layer, k, source, patch) of every patched condition of one pair at one layer.
+
+    ``randoms`` maps k to the random condition's basis (default: the mask's own random basis).
+    """
     mean = zh_states.mean(dim=0)
     per_source = {}
     for source in sources:
@@ -371,7 +435,8 @@ def pair_patches(zh_states: torch.Tensor, en_states: torch.Tensor, en_positions:
         src = per_source[source].to(torch.float32)
         out.append(("full", layer, None, source, Patch(layer, "full", None, en_positions, src, tail_from, tail)))
     for k in mask.ks:
-        z, rand = mask.basis(layer, k), mask.random(layer, k)
+        z = mask.basis(layer, k)
+        rand = randoms[k] if randoms is not None else mask.random(layer, k)
         for source in sources:
             src = per_source[source].to(torch.float32)
             out.append(("z", layer, k, source, Patch(layer, "z", z, en_positions, src, tail_from, tail)))
@@ -394,11 +459,13 @@ def markdown_table(table: pd.DataFrame, rates: list[dict], summary: dict) -> str
              "Each cell: **extracted answer** · language (CJK fraction) · output.", ""]
     base = table[table["condition"] == "none"].set_index("pair")
     for r in rates:
+        rate = lambda key: f"{r[key]:.2f} [{r[key + '_ci'][0]:.2f}, {r[key + '_ci'][1]:.2f}]"  # noqa: E731
         lines += [f"## layer {r['layer']}, k = {r['k']}, {r['source']} source — verdict: {r['verdict']}", "",
-                  f"answer change: Z {r['z_answer_change']:.2f}, Z⊥ {r['z_perp_answer_change']:.2f}, random "
-                  f"{r['random_answer_change']:.2f}, full {r['full_answer_change']:.2f}; Z language preservation "
-                  f"{r['z_language_preservation']:.2f}, Z⊥ language disruption {r['z_perp_language_disruption']:.2f}; "
-                  f"full resembles {r['full_resembles']}.", ""]
+                  f"answer change (95 % exact interval over pairs): Z {rate('z_answer_change')}, Z⊥ "
+                  f"{rate('z_perp_answer_change')}, random {rate('random_answer_change')}, full "
+                  f"{rate('full_answer_change')}; Z language preservation {rate('z_language_preservation')}, Z⊥ "
+                  f"language disruption {rate('z_perp_language_disruption')}; full resembles {r['full_resembles']} "
+                  f"(on point values alone: {r['verdict_point']}).", ""]
         header = ["problem", "answer", "original (en)", "Z-patched (en←zh)", "Z⊥-patched (en←zh)", "full-patched",
                   "random-patched"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -420,7 +487,7 @@ def markdown_table(table: pd.DataFrame, rates: list[dict], summary: dict) -> str
 def z_patching(adapter: ModelAdapter, tokenizer, states: PairedStates, mask: ZMask, *, model: str, prompt_set: str,
                sources: Sequence[str] = SOURCES, max_new_tokens: int = 100, positions: str = "prompt",
                batch_size: int = 32, lang_threshold: float = 0.2, threshold: float = 0.5,
-               margin: float = 0.2) -> PatchingResult:
+               margin: float = 0.2, seed: int = 0) -> PatchingResult:
     from layerscope.model.generate import stop_token_ids
 
     cache = states.cache
@@ -439,7 +506,9 @@ def z_patching(adapter: ModelAdapter, tokenizer, states: PairedStates, mask: ZMa
         for layer in mask.layers:
             zh_states = layer_states[layer][pair.zh.id]
             en_states = layer_states[layer][pair.en.id]
-            conditions += pair_patches(zh_states, en_states, en_positions, mask, layer, sources, positions=positions)
+            randoms = {k: pair_random_basis(mask.d_model, k, seed=seed, layer=layer, pair=pair.pair) for k in mask.ks}
+            conditions += pair_patches(zh_states, en_states, en_positions, mask, layer, sources, positions=positions,
+                                       randoms=randoms)
         outputs = generate_patched(adapter, prompt_ids, [c[4] for c in conditions], max_new_tokens=max_new_tokens,
                                    stops=stops, pad_id=pad_id, batch_size=batch_size)
         cached = states.cached_completion(pair.en.id)
@@ -457,49 +526,70 @@ def z_patching(adapter: ModelAdapter, tokenizer, states: PairedStates, mask: ZMa
             })
         log.info("pair %d/%d (%s): %d conditions generated", i + 1, states.n_pairs, pair.pair, len(conditions))
     table = pd.DataFrame(rows).astype({"layer": "Int64", "k": "Int64"})
-    rates = derived_rates(table, threshold=threshold, margin=margin)
+    boot = st.Bootstrap(states.n_pairs, unit="pair", seed=seed)
+    rates = derived_rates(table, threshold=threshold, margin=margin, boot=boot)
 
     records = []
     for r in rates:
         for key, value in r.items():
-            if key in ("layer", "k", "source", "verdict", "full_resembles", "n_pairs"):
+            if key in ("layer", "k", "source", "verdict", "verdict_point", "full_resembles", "n_pairs") or \
+                    key.endswith("_ci"):
                 continue
-            records.append((r["layer"], r["k"], r["source"], key, float(value)))
-    metrics = pd.DataFrame(records, columns=["layer", "k", "source", "metric", "value"])
+            lo, hi = r.get(f"{key}_ci", (np.nan, np.nan))
+            records.append((r["layer"], r["k"], r["source"], key, float(value), lo, hi))
+    metrics = pd.DataFrame(records, columns=["layer", "k", "source", "metric", "value", "ci_lo", "ci_hi"])
     metrics.insert(0, "prompt_set", prompt_set)
     metrics.insert(0, "model", model)
 
     base = table[table["condition"] == "none"]
+    n = len(base)
     pick = lambda key: [r[key] for r in rates]  # noqa: E731
     verdicts = pick("verdict")
+    labels = [f"L{r['layer']}/k{r['k']}/{r['source']}" for r in rates]
+    unsure = [lab for lab, v in zip(labels, verdicts) if v == INSUFFICIENT]
+    if unsure:
+        boot.flag(f"verdict: the answer-change intervals of Z and Z⊥ overlap for {len(unsure)} of {len(labels)} "
+                  f"combos ({n} pairs): insufficient data")
+    baseline = {
+        "baseline_accuracy": int(base["correct"].sum()),
+        "baseline_english_rate": int((base["language"] == "en").sum()),
+        "baseline_matches_cached_completion": int(sum(baseline_matches)),
+    }
     summary = {
         "model": model,
         "prompt_set": prompt_set,
         "n_pairs": states.n_pairs,
+        **states.sample,
         "max_new_tokens": max_new_tokens,
         "positions_patched": ("problem-text tokens of the English prompt" if positions == "prompt" else
                               "problem-text tokens, then every later position (mean source)"),
         "sources": list(sources),
         "layers": mask.layers,
         "k": mask.ks,
-        "baseline_accuracy": float(base["correct"].mean()),
-        "baseline_english_rate": float((base["language"] == "en").mean()),
-        "baseline_matches_cached_completion": float(np.mean(baseline_matches)),
+        **{key: hits / n for key, hits in baseline.items()},
+        **{f"{key}_ci": st.binomial_interval(hits, n) for key, hits in baseline.items()},
         "n_double_dissociation": verdicts.count("double_dissociation"),
         "n_partial": verdicts.count("partial"),
         "n_null": verdicts.count("null"),
-        "combos": [f"L{r['layer']}/k{r['k']}/{r['source']}" for r in rates],
+        "n_insufficient_data": verdicts.count(INSUFFICIENT),
+        "combos": labels,
         "verdict": verdicts,
-        "z_answer_change": pick("z_answer_change"),
-        "z_perp_answer_change": pick("z_perp_answer_change"),
-        "random_answer_change": pick("random_answer_change"),
-        "full_answer_change": pick("full_answer_change"),
-        "z_language_preservation": pick("z_language_preservation"),
-        "z_perp_language_disruption": pick("z_perp_language_disruption"),
+        "verdict_point": pick("verdict_point"),
+    }
+    for key in ("z_answer_change", "z_perp_answer_change", "random_answer_change", "full_answer_change",
+                "z_language_preservation", "z_perp_language_disruption"):
+        summary[key] = pick(key)
+        summary[f"{key}_ci"] = pick(f"{key}_ci")
+    summary.update({
+        "answer_change_p_value": pick("answer_change_p_value"),
+        "z_specific": pick("z_specific"),
         "full_resembles": pick("full_resembles"),
         "thresholds": {"verdict_threshold": threshold, "margin": margin, "lang_threshold": lang_threshold},
+        **boot.summary(),
         "by_combo": rates,
-    }
+    })
+    summary["uncertainty"]["method"] = ("exact binomial (Clopper-Pearson) intervals of rates over pairs; percentile "
+                                        "bootstrap over pairs for mean similarities")
     if summary["baseline_matches_cached_completion"] < 1:
         log.warning("the unpatched generation differs from the cached completion for %d of %d pairs (batched "
                     "arithmetic can flip near-ties)", len(baseline_matches) - sum(baseline_matches), len(baseline_matches))
@@ -519,15 +609,18 @@ def plot_rates(result: PatchingResult, path: str | Path) -> None:
         for ax, kind, title in ((axes[0], "answer_change", "answer changed vs the unpatched output"),
                                 (axes[1], "language_change", "output language changed vs the unpatched output")):
             for i, cond in enumerate(conds):
-                ax.bar(x + (i - 1.5) * width, [r[f"{cond}_{kind}"] for r in rates], width, color=PALETTE[i],
-                       label=CONDITION_LABELS[cond])
+                values = np.array([r[f"{cond}_{kind}"] for r in rates])
+                cis = np.array([r[f"{cond}_{kind}_ci"] for r in rates], dtype=float).reshape(-1, 2)
+                err = np.vstack([values - cis[:, 0], cis[:, 1] - values]).clip(min=0)
+                ax.bar(x + (i - 1.5) * width, values, width, color=PALETTE[i], label=CONDITION_LABELS[cond],
+                       yerr=err, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.25"})
             ax.set_ylim(0, 1.05)
             ax.set_ylabel("fraction of pairs")
             ax.set_title(title)
             ax.set_xticks(x, [f"{lab}\n{r['verdict']}" for lab, r in zip(labels, rates)], fontsize=7)
         axes[0].legend(loc="upper right", ncol=4)
-        fig.suptitle(f"Z patching en←zh — {s['model']} on {s['prompt_set']} ({s['n_pairs']} pairs; "
-                     f"baseline accuracy {s['baseline_accuracy']:.2f})")
+        fig.suptitle(f"Z patching en←zh — {s['model']} on {s['prompt_set']} ({s['n_pairs']} pairs, error bars: exact "
+                     f"95 % intervals; baseline accuracy {s['baseline_accuracy']:.2f})")
         save(fig, path)
 
 
@@ -540,14 +633,15 @@ def run(job: Job) -> Result:
     from layerscope.model.adapter import load_model, load_tokenizer
 
     params = job.params
-    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"), max_pairs=params["max_pairs"])
+    states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"), max_pairs=params["max_pairs"],
+                               seed=params["seed"])
     adapter = load_model(job.input("model"), dtype=job.render["dtype"], device=job.device, kind="decoder")
     tokenizer = load_tokenizer(job.input("model"))
     result = z_patching(adapter, tokenizer, states, ZMask.load(job.input("mask")), model=job.model,
                         prompt_set=job.prompt_set, sources=params["sources"],
                         max_new_tokens=params["max_new_tokens"], positions=params["positions"],
                         batch_size=params["batch_size"], lang_threshold=params["lang_threshold"],
-                        threshold=params["threshold"], margin=params["margin"])
+                        threshold=params["threshold"], margin=params["margin"], seed=params["seed"])
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics, "outputs": result.table},
@@ -562,7 +656,7 @@ EXPERIMENT = Experiment(
     description="en←zh subspace patching during generation",
     description_long="z_subspace: generate from each pair's English prompt with its Z / Z-perp / full / random-"
                      "subspace content replaced by the Chinese version's (mean-broadcast and OT-aligned sources); "
-                     "answer change, language preservation/disruption, verdict.",
+                     "answer change, language preservation/disruption with exact intervals, verdict.",
     needs="decoder",
     data="paired",
     gpu=True,
@@ -573,7 +667,7 @@ EXPERIMENT = Experiment(
     files=("table.md",),
     params={
         "max_pairs": {
-            "description": "Patch only the first N pairs of the prompt set (null: all).",
+            "description": "Patch a seeded sample of N pairs, stratified by category (null: all pairs).",
             "type": ["integer", "null"],
             "minimum": 1,
             "default": None,
@@ -619,7 +713,7 @@ EXPERIMENT = Experiment(
         },
         "threshold": {
             "description": "Rate at which a patch counts as changing answers / preserving or disrupting "
-                           "language (double dissociation).",
+                           "language (double dissociation; tested against the rates' intervals).",
             "type": "number",
             "minimum": 0,
             "maximum": 1,
