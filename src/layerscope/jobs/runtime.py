@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from threadpoolctl import threadpool_limits
+
 from layerscope import LayerscopeError, __version__
 from layerscope.jobs.devices import Lease, lease_device, slurm_gpu_summary
 
@@ -145,6 +147,8 @@ def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterat
                      os.environ.get("SLURMD_NODENAME", "?"), slurm_gpu_summary())
         uses_torch = gpu or "torch" in sys.modules  # report jobs never import torch: keep them light
         os.environ["OMP_NUM_THREADS"] = str(threads)
+        # numpy's BLAS read OMP_NUM_THREADS when numpy was imported, before this line: limit it now
+        blas_limit = threadpool_limits(limits=threads)
         if uses_torch:
             set_threads(threads)
             make_deterministic()
@@ -165,5 +169,6 @@ def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterat
             raise
         finally:
             lease.release()
+            blas_limit.restore_original_limits()
         log.info("done in %.1fs", time.monotonic() - started)
 
