@@ -1,4 +1,5 @@
-"""Causal tracing: which (layer, position) states carry the answer.
+"""Causal tracing as knockout ran it until issue 13 (kept only while knockout still imports it; delete
+with knockout's tracing). The ROME-style experiment is :mod:`layerscope.engines.tracing`.
 
 For a prompt, the *answer* is the first completion token (the model's own greedy answer,
 stored in the cache) and the *answer position* t0 is the last position before it — the one
