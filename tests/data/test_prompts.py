@@ -59,3 +59,45 @@ def test_malformed_prompt_files(tmp_path, content, expected):
 def test_missing_prompt_file(tmp_path):
     with pytest.raises(PromptSetError, match="file not found"):
         load_prompt_set(tmp_path / "nope.json")
+
+
+def test_facts_prompt_set_has_a_subject_and_an_answer_in_every_prompt():
+    ps = load_prompt_set(REPO / "resources/prompt_sets/facts.json")
+    assert len(ps) >= 40
+    counts = {c: sum(p.category == c for p in ps.prompts) for c in ps.categories}
+    assert len(counts) >= 4 and max(counts.values()) - min(counts.values()) <= 1, counts
+    for p in ps.prompts:
+        assert p.subject and p.subject in p.text and isinstance(p.answer, str) and p.answer.strip(), p.id
+        assert not p.text.endswith((" ", "\n")), p.id  # completion-style: the answer follows after one space
+    assert len({p.text for p in ps.prompts}) == len(ps)
+
+
+def test_subject_is_kept_and_hashed(tmp_path):
+    data = {"prompts": [{"id": "a", "category": "c", "text": "The capital of France is", "subject": "France",
+                         "answer": "Paris"}]}
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps(data))
+    ps = load_prompt_set(path)
+    assert ps.prompts[0].subject == "France" and ps.prompts[0].answer == "Paris"
+    assert ps.prompts[0].to_dict()["subject"] == "France"
+    before = ps.sha256
+    data["prompts"][0]["subject"] = "capital"
+    path.write_text(json.dumps(data))
+    assert load_prompt_set(path).sha256 != before
+
+
+@pytest.mark.parametrize(
+    "subject, expected",
+    [
+        ("Germany", r"prompt #0 \(id 'fact-1'\): subject 'Germany' does not occur in its text"),
+        ("france", r"prompt #0 \(id 'fact-1'\): subject 'france' does not occur"),  # exact, case-sensitive
+        ("  ", "'subject' must be a non-empty string"),
+        (3, "'subject' must be a non-empty string"),
+    ],
+)
+def test_subject_must_occur_in_the_text(tmp_path, subject, expected):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"prompts": [{"id": "fact-1", "category": "c", "text": "The capital of France is",
+                                             "subject": subject, "answer": "Paris"}]}))
+    with pytest.raises(PromptSetError, match=expected):
+        load_prompt_set(path)

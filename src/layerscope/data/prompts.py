@@ -7,8 +7,10 @@ A prompt set is a JSON file::
 
 Each prompt needs a unique ``id`` (letters, digits, ``._-``), a ``category`` and a
 non-empty ``text``. Optional per-prompt fields: ``answer`` (a reference answer),
-``lang`` (a language code) and ``pair`` (the id shared by the two halves of a paired
-problem). Anything else is rejected, so a typo such as ``"txt"`` cannot pass silently.
+``subject`` (the entity a factual-recall prompt is about: a substring of ``text``, which
+causal tracing corrupts), ``lang`` (a language code) and ``pair`` (the id shared by the two
+halves of a paired problem). Anything else is rejected, so a typo such as ``"txt"`` cannot
+pass silently.
 
 Pairs are checked on load: the prompts that share a ``pair`` id are exactly two, both give
 their ``lang`` (two different languages), the same ``category`` and the same ``answer``.
@@ -28,7 +30,7 @@ from layerscope.jobs.io import sha256_json
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # ids in prompt and input files
 REQUIRED_FIELDS = ("id", "category", "text")
-OPTIONAL_FIELDS = ("answer", "lang", "pair")
+OPTIONAL_FIELDS = ("answer", "subject", "lang", "pair")
 TOP_LEVEL_FIELDS = ("name", "description", "prompts", "categories")
 
 
@@ -42,6 +44,7 @@ class Prompt:
     category: str
     text: str
     answer: str | float | int | None = None
+    subject: str | None = None
     lang: str | None = None
     pair: str | None = None
 
@@ -203,12 +206,20 @@ def load_prompt_set(path: str | Path, *, limit: int | None = None) -> PromptSet:
         for key in ("lang", "pair"):
             if key in item and not isinstance(item[key], str):
                 raise PromptSetError(f"{label}: '{key}' must be a string")
+        subject = item.get("subject")
+        if subject is not None:
+            if not isinstance(subject, str) or not subject.strip():
+                raise PromptSetError(f"{label}: 'subject' must be a non-empty string")
+            if subject not in item["text"]:
+                raise PromptSetError(f"{label}: subject {subject!r} does not occur in its text {item['text']!r} "
+                                     "(it must be an exact substring)")
         prompts.append(
             Prompt(
                 id=item["id"],
                 category=item["category"].strip(),
                 text=item["text"],
                 answer=answer,
+                subject=subject,
                 lang=item.get("lang"),
                 pair=item.get("pair"),
             )

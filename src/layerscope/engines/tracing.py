@@ -1,222 +1,387 @@
-"""Causal tracing: which (layer, position) states carry the answer.
+"""Causal tracing as Meng et al. (2022, "Locating and Editing Factual Associations in GPT")
+define it: which hidden states carry a fact from its subject to the answer.
 
-For a prompt, the *answer* is the first completion token (the model's own greedy answer,
-stored in the cache) and the *answer position* t0 is the last position before it — the one
-that predicts it. The clean run is the cached residual stream. The corrupted run adds
-Gaussian noise to ``resid.0`` (what block 0 receives: the token embeddings, plus position
-embeddings where the model adds them) at the prompt's own tokens (role ``prompt``; the
-system message and chat template stay clean), with standard deviation
-σ = ``noise_scale`` × the standard deviation of all ``resid.0`` entries in the cache,
-drawn from a seeded generator. Restoring the clean ``resid.l`` at one position t (l = 0 … L;
-``resid.l`` is the input of block l, ``resid.L`` the last block's output) and running the
-corrupted model on from there gives the restored probability of the answer at t0.
+A factual-recall prompt is completion-style text with an annotated subject and answer
+("The Eiffel Tower is located in the city of" / "Eiffel Tower" / "Paris"); no chat template.
 
-Positions are addressed by their offset from the answer position (0 = t0, -1 = the token
-before, …), so prompts of different lengths line up; a heatmap shows the mean restored
-probability over prompts.
+* **Tokens**: the text as the tokenizer encodes it (with the BOS token it adds, if any). The
+  subject tokens are those whose character span overlaps the subject's first occurrence in
+  the text (offset mapping): positions b … e−1.
+* **Answer token**: the first token after the text's tokens when ``text + " " + answer`` is
+  encoded (the answer as a continuation of the text). A prompt whose tokens are not a prefix
+  of that encoding, or whose answer token is whitespace only, is skipped with the reason.
+* **Clean run**: p_clean = P(answer token) at the last position.
+* **Corrupted runs**: Gaussian noise N(0, σ²) added to ``resid.0`` (what block 0 receives:
+  the token embeddings, plus position embeddings where the model adds them) at the subject
+  positions only, σ = ``noise`` × the standard deviation of the ``resid.0`` entries at the
+  subject tokens of the prompt set (:func:`noise_std`); ``samples`` seeded draws, run as one
+  batch. p_corrupted = the mean over draws of P(answer).
+* **Restored runs**: for block l (l = 0 … L−1) and position t, the corrupted run with the
+  output of block l at position t replaced by the clean one, run on through blocks l+1 … L−1;
+  p_restored(l, t) is the mean over draws of P(answer) at the last position. The indirect
+  effect is IE(l, t) = p_restored(l, t) − p_corrupted.
 
-Properties that hold exactly (and are tested): with noise 0 every restoration gives the
-clean probability; restoring every position at one layer gives the clean probability;
-restoring ``resid.L`` at t0 gives the clean probability and at any other position the
-corrupted one; restoring a position before the first noised token changes nothing.
+Work is shared where the result cannot change. The clean and corrupted states of every
+block are kept, so restoring at block l starts from the stored corrupted output of block l
+and runs only the blocks after it, all restored positions of one block together. In the
+packed layout (where the architecture takes a prepared 4-D mask) each noise draw is one row
+holding its corrupted sequence and, for every restored position t, a segment with positions
+t … T−1 that attends to the corrupted positions before t and to itself: the positions before
+t, which a restoration at t cannot change, are not recomputed per restoration. The padded
+layout runs every (restoration, draw) as a full row. Restoring the last block's output needs
+no block: at the last position it is the clean output (p_clean), elsewhere the read-out does
+not see it (p_corrupted). Positions before the first subject token are identical in the clean
+and the corrupted runs (causal attention), so restoring them changes nothing: their IE is 0
+without a run (the tests check this against runs).
+
+Position kinds, as ROME aggregates over prompts: the first subject token, the middle subject
+tokens, the last subject token, the first token after the subject, further tokens, the last
+token (:func:`position_kinds`).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.data.activations import ActivationCache
-from layerscope.model.adapter import ModelAdapter
+from layerscope.model.adapter import BlockInputs, ModelAdapter
+
+# the tracing knockout ran until issue 13: imported by knockout until its tracing is removed there
+from layerscope.engines._tracing_legacy import (  # noqa: F401
+    TraceResult, causal_trace, restored_probabilities, trace_prompts,
+)
 
 log = logging.getLogger(__name__)
 
+POSITION_KINDS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
+KIND_LABELS = {
+    "first_subject": "first subject token",
+    "middle_subject": "middle subject tokens",
+    "last_subject": "last subject token",
+    "first_subsequent": "first subsequent token",
+    "further": "further tokens",
+    "last": "last token",
+}
+LAYOUTS = ("auto", "packed", "padded")
 
-@dataclass
-class TracePrompt:
+
+# ---------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class FactPrompt:
+    """A factual-recall prompt ready to trace: its tokens, subject span and answer token."""
+
     prompt_id: str
-    ids: list[int]  # tokens 0 … t0
-    row0: int  # cache row of position 0
-    noised: list[int]  # positions that receive noise
+    category: str
+    text: str
+    subject: str
+    answer: str
+    ids: tuple[int, ...]
+    tokens: tuple[str, ...]
+    start: int  # first subject token
+    end: int  # one past the last subject token
     answer_id: int
-    answer: str  # its text
-    tokens: list[str]
+    answer_token: str
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    def kinds(self) -> dict[str, list[int]]:
+        return position_kinds(self.length, self.start, self.end)
 
 
-@dataclass
-class TraceResult:
-    table: pd.DataFrame  # prompt_id, layer, offset, position, token, p_restored
-    prompts: pd.DataFrame  # prompt_id, answer_id, answer, p_clean, p_corrupt, n_noised, length
-    heatmap: np.ndarray  # [n_layers + 1, n_offsets] mean restored probability (NaN where no prompt reaches)
-    offsets: list[int]
-    noise_std: float
+def position_kinds(length: int, start: int, end: int) -> dict[str, list[int]]:
+    """The positions of each kind for a prompt of ``length`` tokens with subject tokens start … end−1.
 
-    def summary(self) -> dict:
-        p_clean = float(self.prompts["p_clean"].mean())
-        p_corrupt = float(self.prompts["p_corrupt"].mean())
-        gap = p_clean - p_corrupt
-        inner = self.heatmap[:-1]  # restoring resid.L matters only at t0 (trivially)
-        peak = np.unravel_index(np.nanargmax(inner), inner.shape) if np.isfinite(inner).any() else (0, 0)
-        return {
-            "trace_prompts": int(len(self.prompts)),
-            "trace_noise_std": self.noise_std,
-            "trace_p_clean": p_clean,
-            "trace_p_corrupt": p_corrupt,
-            "trace_peak_layer": int(peak[0]),
-            "trace_peak_offset": int(self.offsets[peak[1]]),
-            "trace_peak_p": float(inner[peak]),
-            "trace_peak_recovery": float((inner[peak] - p_corrupt) / gap) if abs(gap) > 1e-12 else None,
-        }
+    A one-token subject is both the first and the last subject token (as ROME counts it); the
+    middle subject tokens are those strictly between; the first subsequent token is the one
+    right after the subject unless it is the last token, which is its own kind; further
+    tokens lie strictly between the first subsequent and the last token. A kind may be empty.
+    """
+    if not 0 <= start < end <= length:
+        raise LayerscopeError(f"subject span [{start}, {end}) outside a prompt of {length} tokens")
+    last = length - 1
+    after = list(range(end, last))
+    return {
+        "first_subject": [start],
+        "middle_subject": list(range(start + 1, end - 1)),
+        "last_subject": [end - 1],
+        "first_subsequent": after[:1],
+        "further": after[1:],
+        "last": [last],
+    }
 
 
-def trace_prompts(cache: ActivationCache, n_prompts: int) -> list[TracePrompt]:
-    """The first ``n_prompts`` prompts of the cache that have an answer and prompt tokens to corrupt."""
-    out = []
-    for prompt_id, g in cache.tokens.groupby("prompt_id", sort=False):
-        g = g.sort_values("position")
-        targets = g[g["is_target"]]
-        if targets.empty:
-            continue
-        t0 = int(targets["position"].min())
-        head = g[g["position"] <= t0]
-        noised = head.loc[head["role"] == "prompt", "position"].astype(int).tolist()
-        if not noised:
-            continue
-        answer = g.loc[g["position"] == t0 + 1, "token"]
-        out.append(TracePrompt(str(prompt_id), head["token_id"].astype(int).tolist(), int(g["row"].iloc[0]), noised,
-                               int(targets.loc[targets["position"] == t0, "target_id"].iloc[0]),
-                               str(answer.iloc[0]) if len(answer) else "", head["token"].astype(str).tolist()))
-        if len(out) == n_prompts:
-            break
-    if not out:
-        raise LayerscopeError(f"{cache.directory}: no prompt with prompt-role tokens and a completion to trace")
-    return out
+def kind_of_positions(length: int, start: int, end: int) -> list[str]:
+    """Per position, its kind(s) joined by '+' ('before_subject' before the subject)."""
+    labels = [[] for _ in range(length)]
+    for kind, positions in position_kinds(length, start, end).items():
+        for t in positions:
+            labels[t].append(kind)
+    return ["+".join(k) if k else "before_subject" for k in labels]
 
 
-def resid0_std(cache: ActivationCache) -> float:
-    """Standard deviation of every entry of resid.0 in the cache (the noise unit)."""
-    return float(cache.resid(0).double().std())
+def _trailing_specials(tokenizer, ids: list[int], offsets: list[tuple[int, int]] | None) -> int:
+    """How many special tokens the tokenizer appended (an end-of-sequence token some add)."""
+    special = set(tokenizer.all_special_ids)
+    n = 0
+    while n < len(ids) - 1 and ids[-1 - n] in special and (offsets is None or offsets[-1 - n][1] <= offsets[-1 - n][0]):
+        n += 1
+    return n
+
+
+def prepare_prompt(tokenizer, prompt) -> FactPrompt | str:
+    """A :class:`FactPrompt` from a prompt with ``subject`` and ``answer``, or the reason it cannot be traced."""
+    text, subject, answer = prompt.text, prompt.subject, prompt.answer
+    if not subject or answer is None or not str(answer).strip():
+        return "no subject and answer annotated"
+    answer = str(answer).strip()
+    try:
+        enc = tokenizer(text, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as exc:
+        return f"the tokenizer gives no character offsets ({type(exc).__name__}): the subject cannot be located"
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    cut = _trailing_specials(tokenizer, ids, offsets)
+    if cut:
+        ids, offsets = ids[:-cut], offsets[:-cut]
+    begin = text.index(subject)
+    stop = begin + len(subject)
+    inside = [i for i, (s, e) in enumerate(offsets) if e > s and s < stop and e > begin]
+    if not inside:
+        return f"no token covers the subject {subject!r}"
+    start, end = inside[0], inside[-1] + 1
+    sep = "" if text[-1].isspace() else " "
+    full = list(tokenizer(text + sep + answer)["input_ids"])
+    cut = _trailing_specials(tokenizer, full, None)
+    if cut:
+        full = full[:-cut]
+    if full[: len(ids)] != ids or len(full) <= len(ids):
+        return (f"the answer {answer!r} does not tokenize as a continuation of the text (the tokens of "
+                f"{text + sep + answer!r} do not begin with the text's own tokens)")
+    answer_id = int(full[len(ids)])
+    answer_token = tokenizer.decode([answer_id])
+    if not answer_token.strip():
+        return (f"the answer's first token {answer_token!r} is whitespace only: its probability does not identify "
+                f"the answer {answer!r}")
+    return FactPrompt(
+        prompt_id=str(prompt.id), category=str(prompt.category), text=text, subject=subject, answer=answer,
+        ids=tuple(int(i) for i in ids), tokens=tuple(tokenizer.convert_ids_to_tokens(ids)),
+        start=start, end=end, answer_id=answer_id, answer_token=answer_token,
+    )
+
+
+# ---------------------------------------------------------------------------- noise
+
+
+def _capture(adapter: ModelAdapter, ids: Sequence[int], rows: int, device) -> BlockInputs:
+    tensor = torch.tensor([list(ids)], device=device).expand(rows, len(ids))
+    return adapter.capture_block_inputs(tensor, torch.ones_like(tensor))
 
 
 @torch.no_grad()
-def restored_probabilities(adapter: ModelAdapter, cache: ActivationCache, prompt: TracePrompt,
-                           restore_sets: Sequence[Sequence[int]], noise: torch.Tensor,
-                           device: torch.device | str = "cpu", layout: str = "auto") -> tuple[float, float, np.ndarray]:
-    """(p_clean, p_corrupt, P) for one prompt; P[l, k] = probability of the answer at t0 with the
-    clean resid.l restored at the positions ``restore_sets[k]`` (mean over noise samples).
+def noise_std(adapter: ModelAdapter, prompts: Sequence[FactPrompt], device="cpu") -> float:
+    """Standard deviation of every ``resid.0`` entry at the subject tokens of ``prompts`` (the noise unit)."""
+    values = [_capture(adapter, p.ids, 1, device).resid0[0, p.start:p.end].double().reshape(-1).cpu() for p in prompts]
+    if not values:
+        raise LayerscopeError("no prompt to measure the embeddings' standard deviation on")
+    return float(torch.cat(values).std())
 
-    ``noise`` is [samples, T, d]: what is added to resid.0. The tokens before the first noised
-    one are identical in every run; with ``layout`` ``auto`` (where the architecture allows
-    packing, see :meth:`ModelAdapter.packing_problem`) they are computed once and every
-    (sample, restoration) run follows them in one packed row under a tree-shaped mask;
-    ``padded`` runs each as a full row of a batch.
+
+def prompt_seed(seed: int, prompt_id: str) -> int:
+    """The noise seed of one prompt: depends on the run's seed and the prompt's id, not on the sample."""
+    return int(np.random.SeedSequence([int(seed), zlib.crc32(prompt_id.encode())]).generate_state(1)[0])
+
+
+def draw_noise(prompt: FactPrompt, samples: int, d_model: int, sigma: float, seed: int) -> torch.Tensor:
+    """``samples`` seeded Gaussian draws for the subject tokens: [samples, e − b, d_model] (float64)."""
+    generator = torch.Generator().manual_seed(prompt_seed(seed, prompt.prompt_id))
+    return sigma * torch.randn((samples, prompt.end - prompt.start, d_model), generator=generator,
+                               dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------- the runs
+
+
+@dataclass
+class PromptTrace:
+    prompt: FactPrompt
+    p_clean: float
+    p_corrupted: float
+    p_restored: np.ndarray  # [n_layers, length]: the output of block l restored at position t
+    clean_top1: bool  # the answer token is the model's greedy next token
+
+    @property
+    def effect(self) -> np.ndarray:
+        return self.p_restored - self.p_corrupted
+
+    def kind_effects(self) -> np.ndarray:
+        """[n_kinds, n_layers]: the mean indirect effect over the positions of each kind (NaN where none)."""
+        effect = self.effect
+        out = np.full((len(POSITION_KINDS), effect.shape[0]), np.nan)
+        for k, kind in enumerate(POSITION_KINDS):
+            positions = self.prompt.kinds()[kind]
+            if positions:
+                out[k] = effect[:, positions].mean(axis=1)
+        return out
+
+
+class Tracer:
+    """The clean and corrupted runs of one prompt, and restored runs from them (see module docstring).
+
+    ``noise`` is [samples, e − b, d_model], added to ``resid.0`` at the subject positions. Sites
+    are residual boundaries: ``resid.s`` is the input of block s, so the output of block l is
+    site l + 1 (site 0: the embeddings, site L: the last block's output).
     """
-    from layerscope.engines.surgery import capture_packed, tree_mask
 
-    device = torch.device(device)
-    dtype = adapter.dtype
-    n_layers, T = adapter.n_layers, len(prompt.ids)
-    answer = prompt.answer_id
-    samples, n_sets = noise.shape[0], len(restore_sets)
-    noise = noise.to(device=device, dtype=dtype)
+    def __init__(self, adapter: ModelAdapter, prompt: FactPrompt, noise: torch.Tensor, *, device="cpu",
+                 layout: str = "auto", batch_size: int = 16):
+        if layout not in LAYOUTS:
+            raise LayerscopeError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        if noise.dim() != 3 or noise.shape[1] != prompt.end - prompt.start or noise.shape[2] != adapter.facts.d_model:
+            raise LayerscopeError(f"noise of shape {list(noise.shape)} does not fit the subject of {prompt.prompt_id} "
+                                  f"({prompt.end - prompt.start} tokens, d_model {adapter.facts.d_model})")
+        self.adapter, self.prompt, self.layout = adapter, prompt, layout
+        self.device = torch.device(device)
+        self.batch_size = max(1, int(batch_size))
+        self.samples = int(noise.shape[0])
+        self._inputs: dict[int, BlockInputs] = {}
+        self._packed_inputs: dict[tuple[int, ...], tuple[BlockInputs | None, list[int]]] = {}
+        self._packed_problem: str | None = None
+        with torch.no_grad():
+            clean_in = _capture(adapter, prompt.ids, 1, self.device)
+            self.clean = self._run_all(clean_in.resid0, clean_in)
+            logits = adapter.readout(self.clean[-1][:, -1]).float()
+            self.p_clean = float(torch.softmax(logits, dim=-1)[0, prompt.answer_id])
+            self.clean_top1 = int(logits[0].argmax()) == prompt.answer_id
+            corrupted_in = self._padded_inputs(self.samples)
+            resid0 = corrupted_in.resid0.clone()
+            resid0[:, prompt.start:prompt.end] += noise.to(device=self.device, dtype=resid0.dtype)
+            self.corrupted = self._run_all(resid0, corrupted_in)
+            self.p_corrupted = float(self._probability(self.corrupted[-1][:, -1]).mean())
 
-    def prob(hidden_t0: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(adapter.readout(hidden_t0).float(), dim=-1)[:, answer].double()
+    # -- helpers ---------------------------------------------------------------------------------
+    def _run_all(self, hidden: torch.Tensor, inputs: BlockInputs) -> list[torch.Tensor]:
+        states = [hidden]
+        for layer in range(self.adapter.n_layers):
+            states.append(self.adapter.run_block(layer, states[-1], inputs))
+        return states
 
-    clean = [cache.resid(layer, slice(prompt.row0, prompt.row0 + T), dtype=dtype).to(device)
-             for layer in range(n_layers + 1)]
-    p_clean = float(prob(clean[n_layers][T - 1][None])[0])
-    noised = torch.nonzero(noise.abs().sum(dim=(0, 2)) > 0).flatten()
-    shared = min(int(noised[0]) if len(noised) else T - 1, T - 1)  # untouched leading tokens
-    out = np.zeros((n_layers + 1, n_sets))
+    def _probability(self, hidden: torch.Tensor) -> torch.Tensor:
+        """P(answer) per row of final-position states [rows, d] (float64)."""
+        logits = self.adapter.readout(hidden).float()
+        return torch.softmax(logits, dim=-1)[:, self.prompt.answer_id].double()
 
-    if layout != "padded" and adapter.packing_problem(T) is None:
-        width = T - shared
+    def _padded_inputs(self, rows: int) -> BlockInputs:
+        if rows not in self._inputs:
+            self._inputs[rows] = _capture(self.adapter, self.prompt.ids, rows, self.device)
+        return self._inputs[rows]
 
-        def packed(n_segments: int):
-            positions = list(range(shared)) + list(range(shared, T)) * n_segments
-            segments = [0] * shared + [k + 1 for k in range(n_segments) for _ in range(width)]
-            ids = torch.tensor([prompt.ids[:shared] + prompt.ids[shared:] * n_segments])
+    def _packed(self, starts: list[int]) -> tuple[BlockInputs | None, list[int]]:
+        """Block inputs of the packed rows for segments starting at ``starts`` (None when packing is not
+        possible), and the offset of each segment in the row; the same for every site."""
+        key = tuple(starts)
+        if key not in self._packed_inputs:
+            self._packed_inputs[key] = self._capture_packed(starts)
+        return self._packed_inputs[key]
+
+    def _capture_packed(self, starts: list[int]) -> tuple[BlockInputs | None, list[int]]:
+        from layerscope.engines.surgery import capture_packed
+
+        T = self.prompt.length
+        positions = list(range(T))
+        segments = [0] * T
+        offsets = []
+        for k, t in enumerate(starts):
+            offsets.append(len(positions))
+            positions += list(range(t, T))
+            segments += [k + 1] * (T - t)
+        width = len(positions)
+        problem = self._packed_problem or self.adapter.packing_problem(width)
+        if problem is None:
             pos = torch.tensor(positions)
-            return capture_packed(adapter, ids, tree_mask(adapter, pos, torch.tensor(segments)), pos[None], device)
+            seg = torch.tensor(segments)
+            first = torch.tensor([0] + list(starts))[seg]  # a segment sees the corrupted run before its start
+            allowed = (seg[None, :] == seg[:, None]) & (pos[None, :] <= pos[:, None])
+            allowed |= (seg[None, :] == 0) & (pos[None, :] < first[:, None])
+            if self.adapter.attention_implementation == "eager":
+                mask = torch.zeros(allowed.shape, dtype=self.adapter.dtype)
+                mask.masked_fill_(~allowed, torch.finfo(self.adapter.dtype).min)
+            else:
+                mask = allowed
+            ids = torch.tensor([[self.prompt.ids[p] for p in positions]]).expand(self.samples, width)
+            inputs, problem = capture_packed(self.adapter, ids, mask[None, None], pos[None], self.device)
+            if problem is None:
+                return inputs, offsets
+        if self.layout == "packed":
+            raise LayerscopeError(f"causal tracing cannot pack the restored runs: {problem}")
+        if self._packed_problem is None:
+            log.info("causal tracing in padded rows: %s", problem)
+            self._packed_problem = problem
+        return None, offsets
 
-        (small, problem), (wide, problem_wide) = packed(samples), packed(samples * n_sets)
-        if problem is None and problem_wide is None:
-            ends = shared + width * torch.arange(samples * n_sets, device=device) + width - 1  # t0 of each segment
-            corrupted = small.resid0.clone()
-            corrupted[0, shared:] += noise[:, shared:].reshape(samples * width, -1)
-            for layer in range(n_layers + 1):
-                tails = corrupted[0, shared:].view(samples, width, -1).repeat_interleave(n_sets, dim=0).clone()
-                for k, positions in enumerate(restore_sets):  # positions before `shared` are clean already
-                    index = torch.as_tensor([t for t in positions if t >= shared], dtype=torch.long, device=device)
-                    tails[k::n_sets, index - shared] = clean[layer][index]
-                state = torch.cat([corrupted[:, :shared], tails.reshape(1, samples * n_sets * width, -1)], dim=1)
-                hidden = adapter.run_blocks(state, range(layer, n_layers), wide)
-                out[layer] = prob(hidden[0, ends]).view(samples, n_sets).mean(0).cpu().numpy()
-                if layer < n_layers:
-                    corrupted = adapter.run_block(layer, corrupted, small)
-            ends = shared + width * torch.arange(samples, device=device) + width - 1
-            return p_clean, float(prob(corrupted[0, ends]).mean()), out
-        log.info("tracing in padded rows: %s", problem or problem_wide)
+    # -- restored runs ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def restored(self, site: int, restore_sets: Sequence[Sequence[int]]) -> np.ndarray:
+        """P(answer) at the last position, mean over draws, with the clean ``resid.site`` restored at the
+        positions of each set in the corrupted run: one value per set."""
+        L, T, S = self.adapter.n_layers, self.prompt.length, self.samples
+        if not 0 <= site <= L:
+            raise LayerscopeError(f"site {site} outside 0 … {L}")
+        sets = [sorted({int(t) for t in positions}) for positions in restore_sets]
+        if any(not s or s[0] < 0 or s[-1] >= T for s in sets):
+            raise LayerscopeError(f"restored positions must be non-empty and within 0 … {T - 1}")
+        clean, corrupted = self.clean[site][0], self.corrupted[site]
+        out = np.empty(len(sets))
+        for lo in range(0, len(sets), self.batch_size):
+            chunk = sets[lo: lo + self.batch_size]
+            n = len(chunk)
+            inputs, offsets = (None, []) if self.layout == "padded" else self._packed([s[0] for s in chunk])
+            if inputs is not None:
+                parts, ends = [corrupted], []
+                for positions, offset in zip(chunk, offsets):
+                    segment = corrupted[:, positions[0]:].clone()
+                    segment[:, [t - positions[0] for t in positions]] = clean[positions]
+                    parts.append(segment)
+                    ends.append(offset + T - positions[0] - 1)
+                state = torch.cat(parts, dim=1)  # [S, width, d]
+                hidden = self.adapter.run_blocks(state, range(site, L), inputs)
+                p = self._probability(hidden[:, ends].reshape(S * n, -1)).view(S, n).mean(0)
+            else:
+                state = corrupted.repeat(n, 1, 1)  # rows: (set k, draw s) = k * S + s
+                for k, positions in enumerate(chunk):
+                    state[k * S:(k + 1) * S, positions] = clean[positions]
+                hidden = self.adapter.run_blocks(state, range(site, L), self._padded_inputs(n * S))
+                p = self._probability(hidden[:, -1]).view(n, S).mean(1)
+            out[lo: lo + n] = p.cpu().numpy()
+        return out
 
-    ids = torch.tensor([prompt.ids], device=device)
+    def grid(self, *, all_positions: bool = False) -> np.ndarray:
+        """p_restored [L, T]: the output of block l restored at position t.
 
-    def inputs_for(rows: int):
-        return adapter.capture_block_inputs(ids.expand(rows, T), torch.ones((rows, T), dtype=torch.long, device=device))
-
-    small, wide = inputs_for(samples), inputs_for(samples * n_sets)
-    corrupted = small.resid0 + noise
-    for layer in range(n_layers + 1):
-        restored = corrupted.repeat_interleave(n_sets, dim=0).clone()  # rows: (sample, set)
-        for k, positions in enumerate(restore_sets):
-            index = torch.as_tensor(list(positions), dtype=torch.long, device=device)
-            restored[k::n_sets, index] = clean[layer][index]
-        hidden = adapter.run_blocks(restored, range(layer, n_layers), wide)
-        out[layer] = prob(hidden[:, T - 1]).view(samples, n_sets).mean(0).cpu().numpy()
-        if layer < n_layers:
-            corrupted = adapter.run_block(layer, corrupted, small)
-    return p_clean, float(prob(corrupted[:, T - 1]).mean()), out
+        Positions before the first subject token get p_corrupted without a run unless
+        ``all_positions``; the last block's output needs no run (see module docstring).
+        """
+        L, T = self.adapter.n_layers, self.prompt.length
+        first = 0 if all_positions else self.prompt.start
+        positions = list(range(first, T))
+        grid = np.full((L, T), self.p_corrupted)
+        for layer in range(L - 1):
+            grid[layer, positions] = self.restored(layer + 1, [[t] for t in positions])
+        grid[L - 1, T - 1] = self.p_clean
+        return grid
 
 
-def causal_trace(adapter: ModelAdapter, cache: ActivationCache, *, n_prompts: int = 2, n_positions: int = 8,
-                 noise_scale: float = 3.0, n_samples: int = 1, seed: int = 0,
-                 device: torch.device | str = "cpu", layout: str = "auto") -> TraceResult:
-    """The heatmap over layers 0 … L and offsets -(n_positions-1) … 0 (see module docstring)."""
-    if n_positions < 1 or n_samples < 1 or noise_scale < 0:
-        raise LayerscopeError("causal tracing needs n_positions ≥ 1, n_samples ≥ 1 and noise_scale ≥ 0")
-    prompts = trace_prompts(cache, n_prompts)
-    sigma = noise_scale * resid0_std(cache)
-    offsets = list(range(-(n_positions - 1), 1))
-    n_layers, d = adapter.n_layers, adapter.facts.d_model
-    rows, info = [], []
-    grid = np.full((len(prompts), n_layers + 1, len(offsets)), np.nan)
-    for p_index, prompt in enumerate(prompts):
-        T = len(prompt.ids)
-        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + p_index)
-        noise = torch.zeros((n_samples, T, d), dtype=torch.float64)
-        noised = torch.as_tensor(prompt.noised)
-        noise[:, noised] = torch.randn((n_samples, len(prompt.noised), d), generator=generator, dtype=torch.float64)
-        noise *= sigma
-        kept = [(k, T - 1 + o) for k, o in enumerate(offsets) if T - 1 + o >= 0]
-        p_clean, p_corrupt, probs = restored_probabilities(
-            adapter, cache, prompt, [[pos] for _, pos in kept], noise, device, layout)
-        for column, (k, pos) in enumerate(kept):
-            grid[p_index, :, k] = probs[:, column]
-            for layer in range(n_layers + 1):
-                rows.append((prompt.prompt_id, layer, offsets[k], pos, prompt.tokens[pos], float(probs[layer, column])))
-        info.append((prompt.prompt_id, prompt.answer_id, prompt.answer, p_clean, p_corrupt, len(prompt.noised), T))
-        log.info("traced %s: p_clean %.4f, p_corrupt %.4f", prompt.prompt_id, p_clean, p_corrupt)
-    table = pd.DataFrame(rows, columns=["prompt_id", "layer", "offset", "position", "token", "p_restored"])
-    prompt_table = pd.DataFrame(info, columns=["prompt_id", "answer_id", "answer", "p_clean", "p_corrupt", "n_noised",
-                                               "length"])
-    with warnings.catch_warnings():  # offsets no prompt reaches stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        heatmap = np.nanmean(grid, axis=0)
-    return TraceResult(table, prompt_table, heatmap, offsets, float(sigma))
+def trace_prompt(adapter: ModelAdapter, prompt: FactPrompt, noise: torch.Tensor, *, device="cpu",
+                 layout: str = "auto", batch_size: int = 16, all_positions: bool = False) -> PromptTrace:
+    """The clean, corrupted and restored probabilities of one prompt (see module docstring)."""
+    tracer = Tracer(adapter, prompt, noise, device=device, layout=layout, batch_size=batch_size)
+    grid = tracer.grid(all_positions=all_positions)
+    return PromptTrace(prompt, tracer.p_clean, tracer.p_corrupted, grid, tracer.clean_top1)
