@@ -52,11 +52,6 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.model.adapter import BlockInputs, ModelAdapter
 
-# the tracing knockout ran until issue 13: imported by knockout until its tracing is removed there
-from layerscope.engines._tracing_legacy import (  # noqa: F401
-    TraceResult, causal_trace, restored_probabilities, trace_prompts,
-)
-
 log = logging.getLogger(__name__)
 
 POSITION_KINDS = ("first_subject", "middle_subject", "last_subject", "first_subsequent", "further", "last")
