@@ -559,6 +559,7 @@ _DESCRIPTION = 'For every pair of the models: linear CKA between all layers on e
 EXPERIMENT = [
     Experiment(
         name="cross_model_cka",
+        headlines=("cka_debiased_max",),
         family="cross_model",
         description="CKA between the layers of two models on a shared prompt set",
         description_long=_DESCRIPTION,

@@ -623,6 +623,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="delta_svd",
+    headlines=("capture_mean",),
     family="geometry",
     description="the SVD of each block's residual update",
     description_long="SVD of each block's update δ = resid.(i+1) − resid.i over the activation cache (decoders).",

@@ -520,6 +520,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="residual_geometry",
+    headlines=("final_category_separation",),
     family="geometry",
     description="norms, dimensionality, isotropy, clustering and massive activations of the residual stream",
     description_long="Residual-stream geometry per layer over the activation cache (decoders and encoders).",

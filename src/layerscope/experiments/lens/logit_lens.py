@@ -485,6 +485,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="logit_lens",
+    headlines=("crystallization_mean", "first_top1_mean", "gap_mean"),
     family="lens",
     description="how predictions form across depth",
     description_long="The logit lens over the activation cache: each layer boundary read out through the "

@@ -650,6 +650,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="linearization",
+    headlines=("attn_mean_gap", "mlp_mean_gap", "gap_by_layer"),
     family="nonlinearity",
     description="how nonlinear each block and sub-layer is",
     description_long=("Linearization gap of the update u(h) = f(h) − h of every block and of its attention and MLP "

@@ -636,6 +636,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="quantization",
+    headlines=("baseline_loss",),
     family="nonlinearity",
     description="how much precision each layer needs",
     description_long=("Round-to-nearest symmetric per-group fake quantization of one block, one matrix type or the "

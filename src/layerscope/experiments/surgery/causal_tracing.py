@@ -319,6 +319,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="causal_tracing",
+    headlines=("p_clean_mean", "p_corrupted_mean", "total_effect_mean"),
     family="surgery",
     description="causal tracing of factual recall (ROME): noise on the subject, restore one state at a time",
     description_long="Causal tracing as in Meng et al. 2022 on prompts with an annotated subject and answer: noise "

@@ -274,6 +274,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="knockout",
+    headlines=("baseline_loss", "ratio_by_layer", "min_ratio", "delta_by_layer"),
     family="surgery",
     description="loss with each block skipped, pairwise synergy",
     description_long="Knockout of each block and pairwise synergy among the most damaging ones, with bootstrap "

@@ -626,6 +626,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="shuffle",
+    headlines=("baseline_loss", "best_loss"),
     family="surgery",
     description="recovering the order of shuffled blocks",
     description_long="Shuffle all blocks, recover the order with weights-only methods, loss-driven refiners and a "

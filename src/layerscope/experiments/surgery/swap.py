@@ -321,6 +321,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="swap",
+    headlines=("baseline_loss", "adjacent_mean_ratio", "position_sensitivity"),
     family="surgery",
     description="loss with every pair of blocks swapped; zones",
     description_long="Loss with every pair of blocks swapped, interchangeable pairs, zones, position sensitivity, "

@@ -435,6 +435,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="ard_mmd",
+    headlines=("mmd_final",),
     family="z_subspace",
     description="ARD-RBF MMD lengthscales of zh vs en token clouds",
     description_long="z_subspace: ARD-RBF lengthscales trained with Adam to maximise the mean unbiased MMD^2 between "

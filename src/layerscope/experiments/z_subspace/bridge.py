@@ -492,6 +492,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="bridge",
+    headlines=("loo_r2",),
     family="z_subspace",
     description="linear map from en to zh coordinates in Z",
     description_long="z_subspace: ridge-regularised linear map W from English to Chinese Z coordinates of mean-pooled"

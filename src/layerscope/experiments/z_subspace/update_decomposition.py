@@ -263,6 +263,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="update_decomposition",
+    headlines=("mean_ratio_over_chance",),
     family="z_subspace",
     description="block updates split into Z and Z⊥",
     description_long="z_subspace: R(j) = |P_Z dh_j| / |P_Zperp dh_j| of every block's mean-pooled update, zh and en "

@@ -652,6 +652,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="z_patching",
+    headlines=("z_answer_change", "z_perp_answer_change"),
     family="z_subspace",
     description="en←zh subspace patching during generation",
     description_long="z_subspace: generate from each pair's English prompt with its Z / Z-perp / full / random-"
