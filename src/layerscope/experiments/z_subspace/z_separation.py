@@ -413,6 +413,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="z_separation",
+    headlines=("separation_ratio_z", "separation_ratio_z_perp"),
     family="z_subspace",
     description="zh/en separation and energy in Z, Z⊥, random",
     description_long="z_subspace: separation ratio and energy fractions of mean-pooled zh/en problem states in Z "
