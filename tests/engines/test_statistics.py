@@ -120,3 +120,10 @@ def test_stratified_sample_respects_unequal_categories():
     sample = stratified_sample(ids, cats, 8, seed=0)
     counts = Counter(s[0] for s in sample)
     assert counts["b"] == 1 and counts["c"] >= 1 and sum(counts.values()) == 8
+
+
+def test_contain_widens_to_a_reported_point_element_by_element():
+    assert st.contain([1.0, 2.0], 2.5) == [1.0, 2.5]
+    assert st.contain([1.0, 2.0], 1.5) == [1.0, 2.0]
+    assert st.contain([[1.0, 2.0], [None, None], [0.0, 1.0]], [0.5, float("nan"), 1.0]) == [
+        [0.5, 2.0], [None, None], [0.0, 1.0]]

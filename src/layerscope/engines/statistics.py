@@ -168,6 +168,23 @@ def _intervals(point: np.ndarray, boot: np.ndarray, level: float):
     return np.asarray(pairs, dtype=object).reshape(*point.shape, 2).tolist()
 
 
+def contain(ci, point):
+    """``ci`` widened to contain ``point`` (element by element for per-layer lists of pairs).
+
+    For a value reported from a computation other than the bootstrap statistic (a loss pooled
+    over per-token arrays, a curve computed over the whole table): the two agree up to the
+    order of summation, so the widening is a rounding step at most. Pairs without a finite
+    point or without an interval are returned as they are.
+    """
+    point = np.asarray(point, dtype=float)
+    if point.ndim == 0:
+        lo, hi = ci
+        if lo is None or hi is None or not np.isfinite(point):
+            return ci
+        return [float(min(lo, point)), float(max(hi, point))]
+    return [contain(c, p) for c, p in zip(ci, point)]
+
+
 def binomial_interval(k: int, n: int, level: float = LEVEL) -> list[float]:
     """Exact (Clopper–Pearson) interval of a rate k/n; [0, 1] when n = 0."""
     if n <= 0:

@@ -55,7 +55,7 @@ import torch
 from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.engines.sampling import sample_summary
-from layerscope.engines.statistics import N_BOOT, Bootstrap, deterministic, mean
+from layerscope.engines.statistics import N_BOOT, Bootstrap, contain, deterministic, mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,6 @@ def _argmax_pair(matrix: np.ndarray, tie: float = 1e-12):
     return int(i), int(j)
 
 
-def _contain(ci, point: float) -> list[float]:
-    """An interval widened (by rounding at most) to contain a point computed along another path."""
-    return [float(min(ci[0], point)), float(max(ci[1], point))]
-
-
 def debiased_cka_uncertainty(grams_a: list[np.ndarray], grams_b: list[np.ndarray], debiased: np.ndarray,
                              boot: Bootstrap) -> dict:
     """Bootstrap over prompts of the debiased CKA headlines: resample prompts, recompute every CKA.
@@ -229,7 +224,7 @@ def debiased_cka_uncertainty(grams_a: list[np.ndarray], grams_b: list[np.ndarray
         if not np.isfinite(points[name]):
             continue
         _, ci = boot.interval(units, statistic=headline(reduce))
-        out[f"cka_debiased_{name}_ci"] = _contain(ci, points[name])
+        out[f"cka_debiased_{name}_ci"] = contain(ci, points[name])
     _, stability = boot.stability(units, statistic=headline(lambda m: m), pick=_argmax_pair)
     out["cka_debiased_max_pair_stability"] = stability
     boot.check_stability("cka_debiased_max_pair (the best-matching layer pair)", stability)

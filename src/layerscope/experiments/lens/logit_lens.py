@@ -41,7 +41,7 @@ from layerscope.data.activations import ActivationCache
 from layerscope.model.adapter import ModelAdapter
 from layerscope.engines.phases import Segmentation, phases_from_boundaries, select_segments
 from layerscope.engines.readout import Readout
-from layerscope.engines.statistics import N_BOOT, Bootstrap, weighted_mean
+from layerscope.engines.statistics import N_BOOT, Bootstrap, contain, weighted_mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
@@ -205,11 +205,6 @@ def _units(table: pd.DataFrame, select: np.ndarray, ids: list[str] | None = None
     return _Units([str(i) for i in ids], codes, np.asarray(select, dtype=bool))
 
 
-def _contain(ci: list, point: float) -> list[float]:
-    """An interval widened (by rounding at most) to contain a point computed along another path."""
-    return [float(min(ci[0], point)), float(max(ci[1], point))]
-
-
 def _curve_intervals(values: dict[str, np.ndarray], curves: dict[str, np.ndarray], units: _Units,
                      boot: Bootstrap) -> dict[str, np.ndarray]:
     """Per metric: [n_layers + 1, 2] interval of the token-weighted per-layer mean, over prompts."""
@@ -217,7 +212,7 @@ def _curve_intervals(values: dict[str, np.ndarray], curves: dict[str, np.ndarray
     out = {}
     for metric, v in values.items():
         _, ci = boot.interval(units.sums(v), counts, statistic=_weighted_curve)
-        out[metric] = np.array([_contain(pair, p) for pair, p in zip(ci, curves[metric])])
+        out[metric] = np.array(contain(ci, curves[metric]))
     return out
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from layerscope.engines.sampling import sample_summary
-from layerscope.engines.statistics import Bootstrap
+from layerscope.engines.statistics import Bootstrap, contain
 from layerscope.engines.surgery import LossEvaluator
 
 
@@ -38,16 +38,7 @@ def interval(boot: Bootstrap, point, *arrays, statistic: Callable[..., np.ndarra
     order of summation, so the widening is at most a rounding step.
     """
     _, ci = boot.interval(*arrays, statistic=statistic)
-    return _contain(np.asarray(point, dtype=float), ci)
-
-
-def _contain(point: np.ndarray, ci):
-    if point.ndim == 0:
-        lo, hi = ci
-        if lo is None or not np.isfinite(point):
-            return ci
-        return [float(min(lo, point)), float(max(hi, point))]
-    return [_contain(p, c) for p, c in zip(point, ci)]
+    return contain(ci, point)
 
 
 def sample_fragment(evaluator: LossEvaluator) -> dict:
