@@ -91,6 +91,10 @@ def reported_models(wildcards):
     return lsconfig.reported_models(config)
 
 
+def reported_model_dirs(wildcards):
+    return [paths.MODEL_DIR.format(model=m) for m in lsconfig.reported_models(config)]
+
+
 def rendering_params(wildcards):
     return lsconfig.rendering_params(config, wildcards.model)
 

@@ -1,4 +1,5 @@
-# Reports: a page per model, a cross-model table of headline numbers, an index.
+# Reports: a page per model, a cross-model table of headline numbers, the dashboard (index.html) and
+# provenance.html (config as run, versions, commits, weight hashes, time and memory per job).
 
 
 rule model_report:
@@ -35,10 +36,15 @@ rule report_index:
     input:
         pages=model_report_pages,
         cross=paths.CROSS_MODEL_REPORT_MD,
+        summaries=cross_model_inputs,
+        models=reported_model_dirs,
     output:
         html=paths.REPORT_INDEX,
+        provenance=paths.REPORT_PROVENANCE,
     params:
         models=reported_models,
+        config=config,
+        benchmarks=paths.BENCHMARKS,
     log:
         paths.log("report_index"),
     threads: 1

@@ -84,6 +84,7 @@ class Experiment:
     render: bool = False  # receives the model's rendering parameters (chat template, system prompt)
     uses_prompt_sets: bool = True  # for model_pairs: whether runs are per prompt set too
     headlines: tuple[str, ...] = ()  # summary keys reported with an interval K_ci (the writer checks them)
+    dashboard: tuple[str, ...] = ()  # summary keys the report leads with (index and model pages; default: headlines)
 
     def __post_init__(self):
         if self.needs not in NEEDS:

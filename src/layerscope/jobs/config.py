@@ -245,7 +245,7 @@ def targets(config: dict) -> list[str]:
     out += [paths.MODEL_REPORT_MD.format(model=m) for m in models]
     out += [paths.MODEL_REPORT_HTML.format(model=m) for m in models]
     if models:
-        out += [paths.CROSS_MODEL_REPORT_MD, paths.CROSS_MODEL_TABLE, paths.REPORT_INDEX]
+        out += [paths.CROSS_MODEL_REPORT_MD, paths.CROSS_MODEL_TABLE, paths.REPORT_INDEX, paths.REPORT_PROVENANCE]
     # every configured model is prepared, even one no experiment uses yet
     out += [paths.MODEL_DIR.format(model=m) for m in config["models"]]
     return list(dict.fromkeys(out))

@@ -34,6 +34,7 @@ MODEL_REPORT_HTML = REPORT_DIR + "/{model}.html"
 CROSS_MODEL_REPORT_MD = REPORT_DIR + "/cross_model.md"
 CROSS_MODEL_TABLE = REPORT_DIR + "/cross_model.parquet"
 REPORT_INDEX = REPORT_DIR + "/index.html"
+REPORT_PROVENANCE = REPORT_DIR + "/provenance.html"
 
 LOGS = RESULTS + "/logs"
 BENCHMARKS = RESULTS + "/benchmarks"

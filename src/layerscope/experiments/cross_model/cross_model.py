@@ -554,6 +554,7 @@ _DESCRIPTION = 'For every pair of the models: linear CKA between all layers on e
 EXPERIMENT = [
     Experiment(
         name="cross_model_cka",
+        dashboard=('cka_debiased_max', 'cka_debiased_max_layer_a', 'cka_debiased_max_layer_b', 'cka_debiased_depth_alignment_spearman'),
         headlines=("cka_debiased_max",),
         family="cross_model",
         description="CKA between the layers of two models on a shared prompt set",
@@ -590,6 +591,7 @@ EXPERIMENT = [
     ),
     Experiment(
         name="cross_model_procrustes",
+        dashboard=('applicable', 'n_shared_tokens', 'heldout_cosine_mean', 'heldout_knn_overlap_at_k'),
         family="cross_model",
         description="Procrustes alignment of two models' input embeddings (pairs sharing a tokenizer)",
         needs="any",

@@ -592,6 +592,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="contrastive",
+    dashboard=('crossover_layer', 'crossover_layer_stability', 'crossover_sign_test_p', 'first_flip_layer'),
     family="geometry",
     description="trajectories of force-decoded synonym/antonym/style/unrelated completions",
     description_long="Force-decoded contrastive completions (synonym, antonym, style, unrelated); trajectory cosine "

@@ -623,6 +623,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="delta_svd",
+    dashboard=('capture_mean', 'capture_p_value', 'effective_rank_mean', 'top1_energy_max_block'),
     headlines=("capture_mean",),
     family="geometry",
     description="the SVD of each block's residual update",

@@ -539,6 +539,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="embedding_geometry",
+    dashboard=('participation_ratio_frac', 'effective_rank', 'category_separation', 'category_separation_p_value', 'digit_distance_spearman'),
     family="geometry",
     description="geometry of the (un)embedding matrix",
     description_long="Geometry of the input embedding (and of an untied unembedding), from the weights (decoders "

@@ -520,6 +520,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="residual_geometry",
+    dashboard=('final_category_separation', 'final_category_separation_p_value', 'pr_min', 'pr_min_layer', 'n_massive_layers'),
     headlines=("final_category_separation",),
     family="geometry",
     description="norms, dimensionality, isotropy, clustering and massive activations of the residual stream",

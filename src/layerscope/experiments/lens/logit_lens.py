@@ -480,6 +480,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="logit_lens",
+    dashboard=('crystallization_mean', 'first_top1_mean', 'gap_mean', 'greedy_agreement'),
     headlines=("crystallization_mean", "first_top1_mean", "gap_mean"),
     family="lens",
     description="how predictions form across depth",

@@ -650,6 +650,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="linearization",
+    dashboard=('attn_mean_gap', 'mlp_mean_gap', 'most_nonlinear_layer', 'gap_by_layer'),
     headlines=("attn_mean_gap", "mlp_mean_gap", "gap_by_layer"),
     family="nonlinearity",
     description="how nonlinear each block and sub-layer is",

@@ -636,6 +636,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="quantization",
+    dashboard=('baseline_loss', 'uniform_4bit_delta_loss', 'most_sensitive_layer', 'mixed_sensitivity_minus_uniform'),
     headlines=("baseline_loss",),
     family="nonlinearity",
     description="how much precision each layer needs",

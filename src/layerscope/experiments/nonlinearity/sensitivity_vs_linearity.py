@@ -198,6 +198,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="sensitivity_vs_linearity",
+    dashboard=('spearman_rho', 'partial_spearman_rho', 'partial_p_holm'),
     family="nonlinearity",
     description="rank correlation of quantization sensitivity with the linearization gap",
     description_long="Cross-experiment rule: Spearman correlation between per-block quantization sensitivity and "

@@ -319,6 +319,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="causal_tracing",
+    dashboard=('p_clean_mean', 'total_effect_mean', 'peak_layer', 'ie_last_subject_by_layer'),
     headlines=("p_clean_mean", "p_corrupted_mean", "total_effect_mean"),
     family="surgery",
     description="causal tracing of factual recall (ROME): noise on the subject, restore one state at a time",

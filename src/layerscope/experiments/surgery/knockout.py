@@ -274,6 +274,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="knockout",
+    dashboard=('baseline_loss', 'most_critical_layer', 'max_ratio', 'min_ratio', 'ratio_by_layer'),
     headlines=("baseline_loss", "ratio_by_layer", "min_ratio", "delta_by_layer"),
     family="surgery",
     description="loss with each block skipped, pairwise synergy",

@@ -321,6 +321,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="swap",
+    dashboard=('baseline_loss', 'adjacent_mean_ratio', 'n_interchangeable', 'position_sensitivity'),
     headlines=("baseline_loss", "adjacent_mean_ratio", "position_sensitivity"),
     family="surgery",
     description="loss with every pair of blocks swapped; zones",

@@ -336,6 +336,7 @@ def to_result(result: SpectraResult) -> Result:
 
 EXPERIMENT = Experiment(
     name="weight_spectra",
+    dashboard=('entropy_effective_rank_ratio_mean', 'roy_vetterli_effective_rank_ratio_mean', 'n_deg', 'largest_jump_from_layer'),
     family="weights",
     description="singular-value spectra of every weight matrix",
     description_long="Singular values and rank measures of every weight matrix (weights only, no prompts), "

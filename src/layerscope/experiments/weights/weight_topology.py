@@ -815,6 +815,7 @@ def to_result(result: TopologyResult) -> Result:
 
 EXPERIMENT = Experiment(
     name="weight_topology",
+    dashboard=('mlp_dead_fraction', 'qk_symmetric_energy_fraction_mean', 'cross_layer_adjacent_gram_similarity_mean', 'cross_layer_adjacent_above_null_fraction'),
     family="weights",
     description="sparsity, QK circuits, MLP neurons, cross-layer similarity, norm scales, positions",
     description_long="Sparsity, per-head QK circuits, dead/degenerate MLP neurons, cross-layer similarity of "

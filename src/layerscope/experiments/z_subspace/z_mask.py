@@ -435,6 +435,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="z_mask",
+    dashboard=('qk_effective_rank_all_layers_mean', 'qk_effective_rank', 'stack_energy_captured'),
     family="z_subspace",
     description="QK-circuit subspace Z per layer and k",
     description_long="The z_subspace suite's mask, from the weights: per layer and k, V_Z = top-k right singular "

@@ -652,6 +652,7 @@ def run(job: Job) -> Result:
 
 EXPERIMENT = Experiment(
     name="z_patching",
+    dashboard=('z_answer_change', 'z_perp_answer_change', 'n_insufficient_data'),
     headlines=("z_answer_change", "z_perp_answer_change"),
     family="z_subspace",
     description="en←zh subspace patching during generation",
