@@ -40,9 +40,14 @@ layerscope_venv() {
         rm -f "$stamp"
         "$venv/bin/python" -m pip install -q --upgrade pip
         if [[ $build == cpu ]]; then
-            # the CPU wheel (version +cpu) from PyTorch's index where it can be reached, else the configured index
-            "$venv/bin/python" -m pip install -q --retries 1 --timeout 20 "torch==$LAYERSCOPE_TORCH_VERSION" \
-                --extra-index-url "$LAYERSCOPE_TORCH_CPU_INDEX"
+            # the CPU wheel (version +cpu) from PyTorch's index where that host can be reached; else the
+            # configured indexes (an offline mirror, or PyPI, whose Linux wheel is the larger CUDA build)
+            local extra=()
+            if "$python" -c 'import socket, sys, urllib.parse as u; h = u.urlparse(sys.argv[1]).hostname; socket.create_connection((h, 443), timeout=5).close()' \
+                    "$LAYERSCOPE_TORCH_CPU_INDEX" 2>/dev/null; then
+                extra=(--extra-index-url "$LAYERSCOPE_TORCH_CPU_INDEX")
+            fi
+            "$venv/bin/python" -m pip install -q "torch==$LAYERSCOPE_TORCH_VERSION" "${extra[@]}"
         else
             "$venv/bin/python" -m pip install -q "torch==$LAYERSCOPE_TORCH_VERSION"
         fi
