@@ -1,16 +1,16 @@
-"""Reports: one page per model and a cross-model table of every experiment's headline numbers.
+"""Reports: a page per model, the dashboard (index.html), provenance.html and a cross-model table.
 
-Headline numbers are read from each experiment's ``summary.json``: its top-level scalars
-(numbers, strings, booleans) and short lists of scalars. Nested tables stay in the summary
-and in ``metrics.parquet``. Pages are written as Markdown and as self-contained-looking
-HTML that links the figures in place.
+What a page shows is read from each experiment's ``summary.json``: its top-level scalars and
+lists of scalars (a number K with its interval ``K_ci``), led by the experiment's ``dashboard``
+keys (its headlines by default), and the warnings it records (:func:`notes`). Nested tables stay
+in the summary and the experiment's Parquet files, which the pages link. The HTML is rendered by
+:mod:`layerscope.report.html` from Jinja2 templates; model pages are also written as Markdown.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -266,12 +266,11 @@ def _result_view(path: Path, out_html: Path) -> dict:
     wildcards = {"model": where["model"], "pset": where["prompt_set"]}
     if " vs " in where["model"]:
         wildcards.update(zip(("model_a", "model_b"), where["model"].split(" vs ")))
+    registered = {f.name: f for f in info.figures} if info is not None else {}
     figures = []
     for fig in _figures(path):
-        caption = ""
-        if info is not None:
-            caption = html_pages.caption_html(REPO / info.caption(next((f for f in info.figures if f.name == fig.stem),
-                                                                       None) or _NoFigure(fig.stem)), wildcards)
+        caption = html_pages.caption_html(REPO / info.caption(registered[fig.stem]), wildcards) \
+            if fig.stem in registered else ""
         figures.append({"src": os.path.relpath(fig, out_html.parent), "alt": f"{name}: {fig.stem}",
                         "name": fig.stem, "caption": caption})
     return {
@@ -294,11 +293,6 @@ def _result_view(path: Path, out_html: Path) -> dict:
             where["experiment"], where["prompt_set"]).replace("`", ""),
         "family": False,
     }
-
-
-@dataclass(frozen=True)
-class _NoFigure:
-    name: str
 
 
 def model_report(model: str, summary_paths: list[str | Path], manifest_path: str | Path | None,
