@@ -89,6 +89,19 @@ def test_every_target_is_built(first_run):
     assert not list(first_run.rglob("*.tmp*")), "no temporary files may remain"
 
 
+def test_progress_lines_land_in_the_job_logs(first_run):
+    """Generation, extraction and the lens each end their log with a progress line (count and time)."""
+    import re
+
+    for model in ("stories", "tinyllama"):
+        expected = {"generate_completions": r"generate completions done: 3/3 prompts in \S+",
+                    "extract_activations": r"extract activations done: 3/3 sequences in \S+",
+                    "logit_lens": r"logit lens done: (\d+)/\1 tokens in \S+"}
+        for rule, pattern in expected.items():
+            text = (first_run / f"results/logs/{rule}/{model}_setA.log").read_text()
+            assert re.search(r" INFO layerscope\.progress: " + pattern, text), (rule, model, text[-2000:])
+
+
 def test_second_run_does_nothing(first_run):
     assert planned_jobs(first_run) == []
 

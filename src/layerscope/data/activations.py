@@ -31,6 +31,7 @@ from layerscope import LayerscopeError, __version__
 from layerscope.model.adapter import ModelAdapter
 from layerscope.model.generate import token_roles
 from layerscope.jobs.io import atomic_path
+from layerscope.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,8 @@ def extract_activations(
     with atomic_path(resid_path) as resid_tmp, atomic_path(tokens_path) as tokens_tmp:
         stream = _SafetensorsStream(resid_tmp, names, (n_tokens, d), dtype, meta)
         try:
-            done = 0
-            for batch in _batches(lengths, batch_size):
+            for batch in track(_batches(lengths, batch_size), "extract activations", total=len(sequences),
+                               weight=len, unit="sequences"):
                 width = max(lengths[i] for i in batch)
                 ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
                 mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -198,8 +199,6 @@ def extract_activations(
                         hidden = adapter.run_block(layer - 1, hidden, inputs)
                     for row, i in enumerate(batch):
                         stream.write_rows(names[layer], int(starts[i]), hidden[row, : lengths[i]])
-                done += len(batch)
-                log.info("extracted %d/%d sequences", done, len(sequences))
         finally:
             stream.close()
         tokens.to_parquet(tokens_tmp, index=False)

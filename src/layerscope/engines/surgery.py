@@ -46,6 +46,7 @@ from layerscope import LayerscopeError
 from layerscope.data.activations import ActivationCache
 from layerscope.engines.sampling import sample_cache_prompts
 from layerscope.model.adapter import BlockInputs, ModelAdapter
+from layerscope.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -396,14 +397,16 @@ class LossEvaluator:
     @torch.no_grad()
     def losses(self, sequences: Iterable[Sequence[int]], *, per_token: bool = False,
                max_prefix: int | None = None, use_cache: bool = True, share_prefixes: bool = True,
-               memo: PrefixMemo | None = None) -> list:
+               memo: PrefixMemo | None = None, progress: str | None = None) -> list:
         """Loss of each block sequence (mean NLL in nats; per-token arrays with ``per_token``).
 
         ``max_prefix`` caps how many cached layers a sequence may start from (set it to i when
         the weights of block i or later were changed); ``use_cache=False`` never starts from the
         activation cache; ``share_prefixes=False`` computes every sequence on its own (with
         ``use_cache=False``: the plain reference computation); ``memo`` keeps prefix states
-        across calls (see :class:`PrefixMemo`).
+        across calls (see :class:`PrefixMemo`); ``progress`` (a label) logs the sweep's progress in
+        sequences (:mod:`layerscope.progress`): the groups of prompts are the outer loop, so each
+        finished (group, sequence) counts 1/n_groups of a sequence.
         """
         sequences = [list(map(int, s)) for s in sequences]
         for seq in sequences:
@@ -415,11 +418,12 @@ class LossEvaluator:
         starts = [min(cached_prefix(s, self.n_layers), cap) if use_cache else 0 for s in sequences]
         visit = sorted(range(len(sequences)), key=lambda i: sequences[i]) if share_prefixes else range(len(sequences))
         per_seq = [np.zeros(self.n_targets) for _ in sequences]
+        bar = Progress(progress, len(sequences), unit="sequences") if progress else None
         for g, group in enumerate(self.groups):
             inputs = self._inputs(group)
             path: list[int] = []  # the sequence whose prefix states are on the stack
             stack: dict[int, torch.Tensor] = {0: inputs.resid0}  # depth -> state after path[:depth]
-            for index in visit:
+            for k, index in enumerate(visit):
                 seq = sequences[index]
                 common = _common_prefix(path, seq) if share_prefixes else 0
                 for depth in [d for d in stack if d > common]:
@@ -443,6 +447,10 @@ class LossEvaluator:
                         memo.put(g, seq[: t + 1], state)
                 path = seq
                 per_seq[index][group.target_order] = self._nll(group, state).double().cpu().numpy()
+                if bar:
+                    bar.set((g * len(sequences) + k + 1) / len(self.groups))
+        if bar:
+            bar.close()
         self.n_evaluated += len(sequences)
         return per_seq if per_token else [float(x.mean()) for x in per_seq]
 

@@ -22,6 +22,7 @@ import torch
 
 from layerscope import LayerscopeError
 from layerscope.data.prompts import Prompt, PromptSet
+from layerscope.progress import tqdm_factory, track
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,8 @@ def _generate_transformers(model, encoded, *, max_new_tokens, batch_size, stops,
     )
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].ids), i))
     results: dict[int, tuple[list[int], str]] = {}
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    for batch in track(batches, "generate completions", total=len(order), weight=len, unit="prompts"):
         width = max(len(encoded[i].ids) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -127,7 +128,6 @@ def _generate_transformers(model, encoded, *, max_new_tokens, batch_size, stops,
         )
         for row, i in enumerate(batch):
             results[i] = _cut(out[row, width:].tolist(), stops, max_new_tokens)
-        log.info("generated %d/%d", min(start + batch_size, len(order)), len(order))
     return [results[i] for i in range(len(encoded))]
 
 
@@ -138,7 +138,9 @@ def _generate_vllm(model_dir, encoded, *, max_new_tokens, stops, dtype, seed):
     # keep the stop token in the output, as transformers does (vLLM drops it by default)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=sorted(stops), seed=seed,
                             include_stop_str_in_output=True, skip_special_tokens=False)
-    outputs = llm.generate([{"prompt_token_ids": e.ids} for e in encoded], params)
+    # progress into the job's log (a vLLM whose use_tqdm takes only a bool draws its own bar there instead)
+    outputs = llm.generate([{"prompt_token_ids": e.ids} for e in encoded], params,
+                           use_tqdm=tqdm_factory("generate completions (vllm)", unit="prompts"))
     results = []
     for output in outputs:
         completion = output.outputs[0]

@@ -58,6 +58,7 @@ from layerscope.data.prompts import ID_PATTERN, Prompt
 from layerscope.engines.sampling import sample_summary, stratified_sample
 from layerscope.engines.statistics import Bootstrap
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -376,7 +377,7 @@ def contrastive(adapter, tokenizer, groups: ContrastiveSet, *, model: str, syste
     trajectories = np.zeros((len(encoded), 1 + len(relations), n_sites, adapter.facts.d_model))
     n_tokens = 0
     prefix = shared_prefix(adapter, [enc.prompt_ids for enc in encoded])
-    for g, enc in enumerate(encoded):
+    for g, enc in enumerate(track(encoded, "contrastive", unit="groups")):
         traj, logp = force_decode(adapter, enc.prompt_ids, enc.completion_ids, readout, lens_tokens=lens_tokens,
                                   prefix=prefix)
         n_tokens += sum(len(c) for c in enc.completion_ids)
@@ -384,7 +385,6 @@ def contrastive(adapter, tokenizer, groups: ContrastiveSet, *, model: str, syste
         p_anchor = logp[0].double().exp()
         for j, relation in enumerate(relations, start=1):
             kl[relation][g] = (p_anchor * (logp[0].double() - logp[j].double())).sum(-1).clamp_min(0).numpy()
-        log.info("contrastive: %d/%d groups", g + 1, len(encoded))
     centred, raw = trajectory_cosines(trajectories)
     cosine = {r: centred[:, j] for j, r in enumerate(relations)}
     cosine_raw = {r: raw[:, j] for j, r in enumerate(relations)}

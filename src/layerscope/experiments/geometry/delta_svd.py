@@ -59,6 +59,7 @@ from layerscope.engines.geometry import leave_one_out_capture, random_frames, re
 from layerscope.engines.sampling import sample_summary
 from layerscope.engines.statistics import Bootstrap, holm, null_summary
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.progress import track
 from layerscope.experiments.geometry.residual_geometry import MemoStatistic, read_rows, select_rows
 from layerscope.engines.spectra import (
     eigh_descending, entropy_effective_rank, participation_ratio, row_chunks, single_thread, stable_rank,
@@ -317,7 +318,7 @@ def delta_svd(
     projected = np.zeros((n_blocks, n_prompts, ritz_dim, ritz_dim))
     bases = np.zeros((n_blocks, d, ritz_dim))
     h = read_rows(cache, 0, rows)
-    for block in range(n_blocks):
+    for block in track(range(n_blocks), "delta svd", unit="blocks"):
         nxt = read_rows(cache, block + 1, rows)  # at most two layers are held
         stats, sigma, vecs, tn, block_sums, block_projected, basis = _block_stats(h, nxt, top_k, codes, n_prompts,
                                                                                   ritz_dim)
@@ -330,7 +331,6 @@ def delta_svd(
             sums[key][:, block] = block_sums[key]
         projected[block], bases[block] = block_projected, basis
         h = nxt
-        log.info("delta svd: block %d/%d", block, n_blocks - 1)
     del h
     counts = np.bincount(codes_np, minlength=n_prompts).astype(np.float64)
 

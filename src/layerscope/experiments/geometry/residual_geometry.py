@@ -59,6 +59,7 @@ from layerscope.engines.geometry import (
 from layerscope.engines.sampling import sample_summary
 from layerscope.engines.statistics import Bootstrap, empirical_p, null_summary, permutation_null, weighted_mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.progress import track
 from layerscope.engines.spectra import (
     column_mean, dims_for_variance, eigh_descending, entropy_effective_rank, gram_matrix, participation_ratio, row_chunks,
 )
@@ -200,7 +201,7 @@ def residual_geometry(
     same_rows = massive_rows is rows
     local_in_all = None if same_rows else np.searchsorted(massive_rows, rows)
 
-    for layer in range(n_sites):
+    for layer in track(range(n_sites), "residual geometry", unit="layers"):
         everything = read_rows(cache, layer, massive_rows)
         h = everything if same_rows else everything[torch.from_numpy(local_in_all)]  # [n, d] float32
         norm = torch.cat([h[c].to(torch.float64).norm(dim=1) for c in row_chunks(len(rows))])
@@ -253,7 +254,6 @@ def residual_geometry(
                 massive_records.append((layer, dim, int(counts[dim]), rank, row, tok["prompt_id"], int(tok["position"]),
                                         int(tok["token_id"]), tok["token"], tok["role"], signed, value / median))
         del h, abs_h, everything
-        log.info("residual geometry: layer %d/%d", layer, n_sites - 1)
 
     # ---- uncertainty: bootstrap over prompts, label-permutation null of the category separation
     boot = Bootstrap(n_units, unit="prompt", seed=seed, **({"n_boot": n_boot} if n_boot else {}))

@@ -43,6 +43,7 @@ from layerscope.engines.phases import Segmentation, phases_from_boundaries, sele
 from layerscope.engines.readout import Readout
 from layerscope.engines.statistics import N_BOOT, Bootstrap, contain, weighted_mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,8 @@ def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: 
     match = np.zeros((n_sites, n), dtype=bool)
     final_top1 = np.zeros(n, dtype=np.int64)
     device = adapter.device
-    for start, chunk in _chunks(rows, chunk_tokens):
+    for start, chunk in track(_chunks(rows, chunk_tokens), "logit lens", total=n, unit="tokens",
+                              weight=lambda item: len(item[1])):
         span = slice(int(chunk[0]), int(chunk[-1]) + 1)
         local = torch.as_tensor(chunk - chunk[0], dtype=torch.long)
         cols = slice(start, start + len(chunk))
@@ -108,7 +110,6 @@ def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: 
             out["prob"][layer, cols] = logp.gather(1, top1[:, None]).exp().squeeze(1).cpu().numpy()
             out["entropy"][layer, cols] = (-(logp.exp() * logp).sum(dim=-1)).cpu().numpy()
             out["kl"][layer, cols] = (p_final * (final_logp - logp)).sum(dim=-1).clamp_min(0).cpu().numpy()
-        log.info("lens: %d/%d tokens", start + len(chunk), n)
     return LensArrays(match, out["rank"], out["prob"], out["entropy"], out["kl"], final_top1, rows)
 
 

@@ -69,6 +69,7 @@ from layerscope.engines.sampling import sample_summary, stratified_sample
 from layerscope.engines.statistics import Bootstrap, weighted_mean
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.model.adapter import ModelAdapter
+from layerscope.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ def linearization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, 
     dtype = adapter.dtype
     sample_rows, token_rows = [], []
     batched = {s.prompt_id: _BatchedInputs(adapter, s.ids) for s in sampled}
-    for layer in p["layers"]:
+    for layer in track(p["layers"], "linearization", unit="blocks"):
         for s_index, seq in enumerate(sampled):
             generator = torch.Generator().manual_seed(int(p["seed"]) * 1_000_003 + layer * 1009 + s_index)
             h = cache.resid(layer, slice(*seq.rows), dtype=dtype)[None].to(adapter.device)
@@ -389,7 +390,6 @@ def linearization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, 
                 generator.set_state(state)
                 sample_rows += [(layer, name, seq.prompt_id, *row) for row in samples]
                 token_rows += [(layer, name, seq.prompt_id, *row) for row in tokens]
-        log.info("linearization: block %d done", layer)
     per_sample = pd.DataFrame(sample_rows, columns=["layer", "sublayer", "prompt_id", "position", "direction", "eps",
                                                     "residual", "delta", "update_delta", "gap", "map_gap",
                                                     "residual_order", "gap_order"])

@@ -58,6 +58,7 @@ from layerscope.engines.weights import WeightEditor, weights_digest
 from layerscope.experiments.nonlinearity.quant_methods import run_library_methods
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.model.adapter import ModelAdapter
+from layerscope.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +295,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
 
     # one block at a time
     layer_sums = {b: np.zeros((len(order), n_layers)) for b in p["bits"]}  # per-prompt Δloss sums
-    for layer in range(n_layers):
+    for layer in track(range(n_layers), "quantization: one block at a time", unit="blocks"):
         for b in p["bits"]:
             with editor.variant():
                 editor.edit(layer, None, rtn(b, group))
@@ -308,7 +309,7 @@ def quantization(adapter: ModelAdapter, cache: ActivationCache, *, model: str, p
     types = editor.types()
     type_sums: dict[int, dict[str, np.ndarray]] = {b: {} for b in p["bits"]}
     if p["matrix_types"]:
-        for t in types:
+        for t in track(types, "quantization: one matrix type at a time", unit="types"):
             for b in p["bits"]:
                 with editor.variant():
                     for layer in range(n_layers):

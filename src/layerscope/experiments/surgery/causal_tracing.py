@@ -29,6 +29,7 @@ from layerscope.engines.tracing import (
     prepare_prompt, trace_prompt,
 )
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def causal_tracing(adapter, tokenizer, prompt_set: PromptSet, *, model: str, pro
     unit = noise_std(adapter, eligible, device)
     sigma = float(noise) * unit
     traces: list[PromptTrace] = []
-    for fp in sample:
+    for fp in track(sample, "causal tracing", unit="prompts"):
         trace = trace_prompt(adapter, fp, draw_noise(fp, samples, adapter.facts.d_model, sigma, seed), device=device,
                              layout=layout, batch_size=batch_size)
         log.info("traced %s: p_clean %.4f, p_corrupted %.4f, max indirect effect %.4f", fp.prompt_id, trace.p_clean,

@@ -57,14 +57,16 @@ def knockout_sweep(evaluator: LossEvaluator, *, pairwise_top: int = 6, top_syner
     if n < 2:
         raise LayerscopeError("knockout needs a model with at least 2 blocks")
     base_tokens = evaluator.losses([list(range(n))], per_token=True)[0]
-    single_tokens = evaluator.losses([skip(n, i) for i in range(n)], per_token=True)
+    single_tokens = evaluator.losses([skip(n, i) for i in range(n)], per_token=True,
+                                     progress="knockout: single blocks")
     baseline = float(base_tokens.mean())
     single = np.array([float(x.mean()) for x in single_tokens])
     delta = single - baseline
     k = max(0, min(int(pairwise_top), n))
     top = sorted(np.argsort(-delta, kind="stable")[:k].tolist())
     pairs = list(itertools.combinations(top, 2))
-    pair_tokens = evaluator.losses([skip(n, i, j) for i, j in pairs], per_token=True) if pairs else []
+    pair_tokens = (evaluator.losses([skip(n, i, j) for i, j in pairs], per_token=True, progress="knockout: pairs")
+                   if pairs else [])
     pair_losses = [float(x.mean()) for x in pair_tokens]
     rows = []
     for (i, j), loss in zip(pairs, pair_losses):

@@ -72,6 +72,7 @@ from layerscope.engines.statistics import N_BOOT, Bootstrap
 from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, PrefixMemo, move, surgery_evaluator
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.experiments.surgery.common import interval, prompt_sums, sample_fragment
+from layerscope.progress import Progress, progress
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +265,7 @@ class _Search:
     memo: PrefixMemo = None
     evals: int = 0
     trace: list[float] = field(default_factory=list)
+    progress: Progress | None = None  # counts evaluations against max_evals
 
     def __post_init__(self):
         self.memo = self.model.new_memo()
@@ -277,7 +279,10 @@ class _Search:
         if not orders:
             return []
         self.evals += len(orders)
-        return self.model.losses(orders, memo=self.memo)
+        values = self.model.losses(orders, memo=self.memo)
+        if self.progress:
+            self.progress.update(len(orders))
+        return values
 
     def accept(self, order: list[int], value: float) -> None:
         self.memo.pin(order)
@@ -414,7 +419,8 @@ def recover(model: ShuffledModel, params: ShuffleParams) -> list[MethodResult]:
             return refine_anneal(search, start, value, steps=params.anneal_steps, t_start=params.anneal_t_start,
                                  t_end=params.anneal_t_end, window=params.reinsert_window, seed=params.seed)[0]
 
-        timed(name, run, lambda search=search: search.evals)
+        with progress(f"shuffle: {name}", search.max_evals, unit="evaluations") as search.progress:
+            timed(name, run, lambda search=search: search.evals)
 
     if "pipeline" in wanted:
         search = _Search(model, params.pipeline_max_evals)
@@ -429,7 +435,8 @@ def recover(model: ShuffledModel, params: ShuffleParams) -> list[MethodResult]:
             order, value = refine_bubble(search, order, value)
             return order
 
-        result = timed("pipeline", pipeline, lambda: search.evals)
+        with progress("shuffle: pipeline", search.max_evals, unit="evaluations") as search.progress:
+            result = timed("pipeline", pipeline, lambda: search.evals)
         result.seconds += sum(results[m].seconds for m in WEIGHT_METHODS)
     return [results[m] for m in wanted]
 

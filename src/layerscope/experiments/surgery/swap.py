@@ -62,7 +62,7 @@ def swap_sweep(evaluator: LossEvaluator) -> dict:
     base_tokens = evaluator.losses([list(range(n))], per_token=True)[0]
     baseline = float(base_tokens.mean())
     pairs = list(itertools.combinations(range(n), 2))
-    per_token = evaluator.losses([swap(n, i, j) for i, j in pairs], per_token=True)
+    per_token = evaluator.losses([swap(n, i, j) for i, j in pairs], per_token=True, progress="swap: variants")
     loss = np.full((n, n), baseline)
     for (i, j), values in zip(pairs, per_token):
         loss[i, j] = loss[j, i] = float(values.mean())

@@ -60,6 +60,7 @@ from layerscope.engines import statistics as st
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask, energy_per_dimension
+from layerscope.progress import Progress, progress
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,8 @@ def median_scale(clouds: BucketedClouds, init_ratio: torch.Tensor) -> float:
 
 
 def optimise(clouds: BucketedClouds, init_ratio: torch.Tensor, scale: float, lam: float, *, steps: int, lr: float,
-             tol: float) -> ArdRun:
-    """Adam on θ = log(ℓ/s) for one λ (see module docstring)."""
+             tol: float, progress: Progress | None = None) -> ArdRun:
+    """Adam on θ = log(ℓ/s) for one λ (see module docstring); ``progress`` counts the steps."""
     theta = init_ratio.clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr)
     objective, mmd_trace, penalty_trace = [], [], []
@@ -192,6 +193,8 @@ def optimise(clouds: BucketedClouds, init_ratio: torch.Tensor, scale: float, lam
         objective.append(float(loss.detach()))
         mmd_trace.append(float(mmd.detach()))
         penalty_trace.append(float(penalty.detach()))
+        if progress:
+            progress.update()
     with torch.no_grad():
         per_pair = clouds.mmd2(scale * theta.exp())
         mmd = per_pair.mean()
@@ -276,6 +279,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
     log_off = math.log(off_ratio)
     boot = st.Bootstrap(states.n_pairs, unit="pair", seed=seed)
     records, ls_rows, traj_rows, runs, combos = [], [], [], {}, []
+    bar = progress("ard_mmd", total=len(mask.layers) * len(lambdas) * steps, unit="steps")
     for layer in mask.layers:
         clouds = BucketedClouds(standardise(states.clouds(layer)), device=device)
         energies = {k: energy_per_dimension(mask.basis(layer, k)).numpy() for k in mask.ks}
@@ -285,7 +289,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
             init_per_pair = clouds.mmd2(scale * init.exp()).cpu().numpy().astype(np.float64)
         mmd_init, mmd_init_ci = boot.interval(init_per_pair)
         for lam in lambdas:
-            run = optimise(clouds, init, scale, float(lam), steps=steps, lr=lr, tol=tol)
+            run = optimise(clouds, init, scale, float(lam), steps=steps, lr=lr, tol=tol, progress=bar)
             runs[(layer, float(lam))] = run
             active = run.log_ratio < log_off
             n_active = int(active.sum())
@@ -315,6 +319,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
                 traj_rows.append((layer, float(lam), step, float(o), float(m_), float(p)))
             log.info("ARD layer %d λ=%g: %d/%d active, MMD² %.4g → %.4g, converged=%s (last-10%% change %.2g)",
                      layer, lam, n_active, d, mmd_init, run.mmd[-1], run.converged, run.relative_change)
+    bar.close()
     frame = pd.DataFrame(records, columns=["layer", "lambda", "metric", "value", "ci_lo", "ci_hi"])
     for f in (frame,):
         f.insert(0, "prompt_set", prompt_set)

@@ -35,6 +35,7 @@ from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
 from layerscope.experiments.z_subspace.subspace_null import random_projections
 from layerscope.experiments.z_subspace.z_mask import ZMask
+from layerscope.progress import track
 from layerscope.experiments.z_subspace.z_separation import N_RANDOM_SUBSPACES, null_position
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def update_decomposition(states: PairedStates, mask: ZMask, *, model: str, promp
     skipped = [f"L{layer}/k{k}" for layer, k in mask.combos() if k >= d]
     if skipped:
         log.warning("update_decomposition: R is undefined when Z is the whole space (k = d); skipping %s", skipped)
-    for layer, k in mask.combos():
+    for layer, k in track(mask.combos(), "update_decomposition", unit="(layer, k)"):
         if k >= d:
             continue
         z = mask.basis(layer, k).to(torch.float64)

@@ -82,6 +82,7 @@ from layerscope.engines import statistics as st
 from layerscope.model.adapter import ModelAdapter
 from layerscope.jobs.io import write_text
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
+from layerscope.progress import track
 from layerscope.data.paired_states import PairedStates
 from layerscope.experiments.z_subspace.z_mask import ZMask
 
@@ -499,7 +500,7 @@ def z_patching(adapter: ModelAdapter, tokenizer, states: PairedStates, mask: ZMa
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else 0)
     layer_states = {layer: states.layer_states(layer) for layer in mask.layers}
     rows, baseline_matches = [], []
-    for i, pair in enumerate(states.pairs):
+    for i, pair in enumerate(track(states.pairs, "z_patching", unit="pairs")):
         prompt_ids = states.prompt_ids(pair.en.id)
         en_positions = states.positions(pair.en.id)
         conditions: list[tuple[str, int | None, int | None, str | None, Patch | None]] = [("none", None, None, None, None)]
