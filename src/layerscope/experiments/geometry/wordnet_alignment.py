@@ -59,6 +59,7 @@ WORD = re.compile(r"[a-z]+")
 CHUNK = 25  # bootstrap resamples per pass over the pairs
 MIN_BAND_PAIRS = 20
 SKIPPED_SAMPLE = 50
+TIE_DECIMALS = 9  # cosines equal to 1e-9 rank as ties (rounding must not break the ties of an exact function)
 
 
 class WordNetAlignmentError(LayerscopeError):
@@ -119,7 +120,7 @@ def pair_statistics(cosine: np.ndarray, similarity: np.ndarray, first: np.ndarra
     Pearson of cosine against path similarity, the mean cosine of all pairs and of each band
     (``band[p]`` in 0 … n_bands − 1), and the pair weight per band."""
     sim_codes = np.unique(similarity, return_inverse=True)[1].ravel()
-    cos_codes = np.unique(cosine, return_inverse=True)[1].ravel()
+    cos_codes = np.unique(np.round(cosine, TIE_DECIMALS), return_inverse=True)[1].ravel()
     n_sim, n_cos = int(sim_codes.max()) + 1, int(cos_codes.max()) + 1
     onehot = np.zeros((len(band), n_bands))
     onehot[np.arange(len(band)), band] = 1.0
@@ -279,7 +280,7 @@ def wordnet_alignment(embedding: torch.Tensor, tokenizer, wn: WordNet, *, model:
     m = len(used)
     if m < 3:
         raise WordNetAlignmentError(f"only {m} WordNet nouns are single tokens in {model}'s vocabulary")
-    unit = unit_rows(embedding.detach().float()[torch.tensor(used["token_id"].to_numpy(), dtype=torch.long)]).numpy()
+    unit = unit_rows(embedding.detach()[torch.tensor(used["token_id"].to_numpy(), dtype=torch.long)]).numpy()
     cosines = unit @ unit.T
     boot = Bootstrap(m, unit="word", seed=seed, n_boot=n_boot)
     units = np.arange(m)
@@ -420,7 +421,7 @@ def plot_alignment(result: AlignmentResult, path: str | Path) -> None:
 
     s = result.summary
     with figure(1, 2, width=11.0, height=4.2) as (fig, axes):
-        ax = axes[0, 0]
+        ax = axes[0]
         x = np.arange(len(s["band_labels"]))
         mean = np.array([np.nan if v is None else v for v in s["band_mean_cosine"]], dtype=float)
         ci = np.array([[np.nan, np.nan] if c[0] is None else c for c in s["band_mean_cosine_ci"]], dtype=float)
@@ -435,7 +436,7 @@ def plot_alignment(result: AlignmentResult, path: str | Path) -> None:
         ax.set_title(f"Spearman ρ = {s['spearman_cosine_path_similarity']:.3f} [{lo:.3f}, {hi:.3f}] "
                      f"over {s['n_pairs']} pairs")
         ax.legend(loc="best")
-        ax = axes[0, 1]
+        ax = axes[1]
         steps = np.array(s["depth_steps"])
         mean = np.array([np.nan if v is None else v for v in s["depth_mean_cosine"]], dtype=float)
         ci = np.array([[np.nan, np.nan] if c[0] is None else c for c in s["depth_mean_cosine_ci"]], dtype=float)
