@@ -429,7 +429,7 @@ def plot_alignment(result: AlignmentResult, path: str | Path) -> None:
                     capsize=3)
         ax.axhline(s["cosine_mean"], color="0.5", linewidth=0.8, linestyle="--", label="all pairs")
         ax.set_xticks(x)
-        ax.set_xticklabels([f"{label}\n(n={n})" for label, n in zip(s["band_labels"], s["band_n_pairs"])])
+        ax.set_xticklabels([f"{label}\n(n={n})" for label, n in zip(s["band_labels"], s["band_n_pairs"])], fontsize=7)
         ax.set_xlabel("WordNet path distance d (path similarity 1/(1+d))")
         ax.set_ylabel("mean cosine of the word pairs")
         lo, hi = s["spearman_cosine_path_similarity_ci"]
