@@ -39,6 +39,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -193,26 +194,44 @@ class MatrixGeometry:
     boot: Bootstrap | None = None  # over the category words, when categories are measured
 
 
-def _lookup_words(tokenizer, categories: dict[str, list[str]], min_words: int) -> pd.DataFrame:
+def lookup_words(tokenizer, entries: Iterable[tuple[str, str]], min_words: int, *,
+                 limit: int | None = None) -> pd.DataFrame:
+    """Look up (category, word) entries, in order, as single tokens (:func:`single_token`).
+
+    One row per entry looked at: status ``used``, ``not_single_token``, ``same_token_as_<word>``
+    (another word already took the token), or ``category_too_small`` (a used word of a category
+    with fewer than ``min_words`` used words). With ``limit`` the lookup stops once that many
+    words are used (``category_too_small`` counts as used here); later entries get no row.
+    """
     rows = []
     taken: dict[int, str] = {}
-    for category, words in categories.items():
-        for word in words:
-            found = single_token(tokenizer, word)
-            if found is None:
-                rows.append((category, word, "not_single_token", "", -1, ""))
-                continue
-            tid, variant = found
-            if tid in taken:
-                rows.append((category, word, f"same_token_as_{taken[tid]}", variant, tid, tokenizer.decode([tid])))
-                continue
-            taken[tid] = word
-            rows.append((category, word, "used", variant, tid, tokenizer.decode([tid])))
+    for category, word in entries:
+        if limit is not None and len(taken) >= limit:
+            break
+        found = single_token(tokenizer, word)
+        if found is None:
+            rows.append((category, word, "not_single_token", "", -1, ""))
+            continue
+        tid, variant = found
+        if tid in taken:
+            rows.append((category, word, f"same_token_as_{taken[tid]}", variant, tid, tokenizer.decode([tid])))
+            continue
+        taken[tid] = word
+        rows.append((category, word, "used", variant, tid, tokenizer.decode([tid])))
     frame = pd.DataFrame(rows, columns=["category", "word", "status", "variant", "token_id", "token"])
     counts = frame[frame["status"] == "used"].groupby("category").size()
-    small = [c for c in categories if counts.get(c, 0) < min_words]
+    small = [c for c in dict.fromkeys(frame["category"]) if counts.get(c, 0) < min_words]
     frame.loc[frame["category"].isin(small) & (frame["status"] == "used"), "status"] = "category_too_small"
     return frame
+
+
+def skipped_words(words: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a :func:`lookup_words` frame whose word is not used (not one token, or a taken token)."""
+    return words[~words["status"].isin(["used", "category_too_small"])]
+
+
+def _lookup_words(tokenizer, categories: dict[str, list[str]], min_words: int) -> pd.DataFrame:
+    return lookup_words(tokenizer, ((c, w) for c, words in categories.items() for w in words), min_words)
 
 
 def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str, list[str]], *, cosine_sample: int,
@@ -289,7 +308,7 @@ def matrix_geometry(name: str, w: torch.Tensor, tokenizer, categories: dict[str,
     words = _lookup_words(tokenizer, categories, min_category_words)
     result.words = words
     used = words[words["status"] == "used"]
-    skipped = words[~words["status"].isin(["used", "category_too_small"])]
+    skipped = skipped_words(words)
     s["n_category_words"] = int(len(used))
     s["n_skipped_words"] = int(len(skipped))
     s["skipped_words"] = {c: g["word"].tolist() for c, g in skipped.groupby("category", sort=False)}
