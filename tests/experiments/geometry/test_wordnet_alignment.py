@@ -115,7 +115,7 @@ def test_a_missing_folder_names_the_setting_and_the_package(tmp_path):
 
 
 @pytest.mark.skipif(not (SYSTEM / "data.noun").is_file(),
-                    reason="no WordNet at /usr/share/wordnet (apt-get install wordnet-base; tests/wordnet.sh install)")
+                    reason="no WordNet at /usr/share/wordnet (apt-get install wordnet-base; envs/wordnet.sh install)")
 def test_the_real_wordnet_agrees_with_nltk(tmp_path):
     mine = WordNet.open(SYSTEM)
     assert len(mine.synsets) == 82115  # WordNet 3.0's noun synsets

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian's WordNet 3.0 database (/usr/share/wordnet), for the wordnet_alignment experiment and its test on
 # the real database (tests/experiments/geometry/test_wordnet_alignment.py).
-#   tests/wordnet.sh install     # root: apt-get install wordnet-base (once per machine)
+#   envs/wordnet.sh install     # root: apt-get install wordnet-base (once per machine)
 # Exit status 77 means "cannot install here", with the reason on stderr.
 set -euo pipefail
 PACKAGES=(wordnet-base)
