@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -71,7 +72,15 @@ def _chunks(rows: np.ndarray, chunk_tokens: int):
 
 
 @torch.no_grad()
-def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: int = 256) -> LensArrays:
+def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: int = 256,
+                rows: np.ndarray | None = None,
+                transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> LensArrays:
+    """The lens read-outs of the cache's completion-token rows (or of ``rows``, ascending).
+
+    ``transform(layer, hidden)`` is applied to ``resid.layer`` before the read-out at every
+    layer below L (the tuned lens's translators); layer L is always read as it is, so it
+    stays the model's own output.
+    """
     if adapter.unembed is None:
         raise LayerscopeError("the logit lens needs a decoder with an unembedding")
     if cache.n_layers != adapter.n_layers or cache.d_model != adapter.facts.d_model:
@@ -80,7 +89,9 @@ def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: 
             f"({adapter.n_layers} layers, d={adapter.facts.d_model})"
         )
     readout = Readout(adapter)
-    rows = cache.target_rows()
+    rows = cache.target_rows() if rows is None else np.asarray(rows, dtype=np.int64)
+    if len(rows) and np.any(np.diff(rows) <= 0):
+        raise LayerscopeError("lens_arrays: rows must be strictly ascending")
     if len(rows) == 0:
         raise LayerscopeError(f"{cache.directory}: no completion tokens in the cache")
     n_sites, n = adapter.n_layers + 1, len(rows)
@@ -102,7 +113,8 @@ def lens_arrays(adapter: ModelAdapter, cache: ActivationCache, *, chunk_tokens: 
             if layer == adapter.n_layers:
                 logits, logp = final_logits, final_logp
             else:
-                logits = readout(cache.resid(layer, span)[local].to(device))
+                hidden = cache.resid(layer, span)[local].to(device)
+                logits = readout(transform(layer, hidden) if transform is not None else hidden)
                 logp = torch.log_softmax(logits, dim=-1)
             target = logits.gather(1, top1[:, None])
             match[layer, cols] = (logits.argmax(dim=-1) == top1).cpu().numpy()
