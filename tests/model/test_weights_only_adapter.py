@@ -143,3 +143,18 @@ def test_full_clip_checkpoint_is_read_through_its_vision_tower(tmp_path):
     assert adapter.facts.n_layers == 2 and "text tower" in adapter.facts.not_read
     torch.testing.assert_close(adapter.projections(1)["q"], full.vision_model.encoder.layers[1].self_attn.q_proj.weight,
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family, kind", [("t5", "encoder_decoder"), ("clip_vision", "vision"), ("dinov2", "vision")])
+def test_a_local_folder_is_prepared(family, kind, tmp_path, stories_dir):
+    """prepare_model's check (meta-device load + adapter) for each weights-only family; a vision folder needs no
+    tokenizer."""
+    from layerscope.model.prepare import prepare_model
+
+    folder = save_tiny_model(family, tmp_path / "src", stories_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if kind == "vision":
+            (folder / name).unlink()
+    manifest = prepare_model({"type": "local", "path": str(folder)}, tmp_path / "out", kind=kind)
+    assert manifest["kind"] == kind and manifest["architecture"]["kind"] == kind
+    assert load_model(tmp_path / "out", dtype="float32", weights_only=True).facts.kind == kind

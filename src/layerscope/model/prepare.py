@@ -264,11 +264,11 @@ def _verify(folder: Path, kind: str, trust_remote_code: bool) -> dict:
 
         model_type = read_model_config(folder).get("model_type")
         cls = family.auto_class(model_type)
-        if model_type == "clip":  # a full CLIP checkpoint is viewed through its vision tower (CLIPVisionModel)
-            model = cls(cls.config_class.from_pretrained(str(folder)))
-        else:
+        if hasattr(cls, "from_config"):  # an Auto* class
             config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
             model = cls.from_config(config, trust_remote_code=trust_remote_code)
+        else:  # a concrete class (CLIPVisionModel: its config class also reads a full CLIP checkpoint's vision part)
+            model = cls(cls.config_class.from_pretrained(str(folder)))
     adapter = ModelAdapter(model, checkpoint_model_type=model_type)
     if not list(folder.glob("*.safetensors")):
         raise PrepareError(f"{folder}: no safetensors weights were written")
