@@ -35,12 +35,43 @@ def tiny_configs() -> dict:
     }
 
 
-def tiny_model(name: str, seed: int = 0):
-    from transformers import AutoModel, AutoModelForCausalLM
+def tiny_weights_only_configs() -> dict:
+    """Families read for their weights only: T5 (plain and v1.1 gated), CLIP's vision tower, DINOv2 (plain, SwiGLU).
 
-    config = tiny_configs()[name]
+    The T5 stacks differ in depth and d_kv · heads ≠ d_model, so a stack or head-size mix-up shows.
+    """
+    from transformers import CLIPVisionConfig, Dinov2Config, T5Config
+
+    t5 = dict(vocab_size=512, d_model=32, d_kv=6, d_ff=48, num_layers=2, num_decoder_layers=3, num_heads=4,
+              relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+              pad_token_id=0, eos_token_id=1)
+    vit = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, image_size=16, patch_size=4)
+    return {
+        "t5": T5Config(**t5, feed_forward_proj="relu"),
+        "t5_v1_1": T5Config(**t5, feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+        "clip_vision": CLIPVisionConfig(**vit, intermediate_size=48),
+        "dinov2": Dinov2Config(**vit, mlp_ratio=2, layerscale_value=0.5),
+        "dinov2_swiglu": Dinov2Config(**vit, use_swiglu_ffn=True),
+    }
+
+
+def tiny_model(name: str, seed: int = 0):
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    configs = {**tiny_configs(), **tiny_weights_only_configs()}
+    config = configs[name]
     torch.manual_seed(seed)
-    cls = AutoModel if name == "bert" else AutoModelForCausalLM
+    if name.startswith("t5"):
+        cls = AutoModelForSeq2SeqLM
+    elif name == "bert" or name in tiny_weights_only_configs():
+        cls = AutoModel
+    else:
+        cls = AutoModelForCausalLM
     model = cls.from_config(config)
+    if name.startswith("dinov2"):  # layer scales start constant; make them distinct per dimension
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("lambda1"):
+                    p.uniform_(0.1, 1.0)
     model.eval()
     return model

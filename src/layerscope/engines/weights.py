@@ -2,14 +2,21 @@
 
 :func:`weight_inventory` lists each 2-D weight of the whole model exactly once — the block
 projections ``q k v o gate up down`` (fused parameters split into their row blocks, as
-:meth:`ModelAdapter.projections` does), the token embedding (``embed``), learned position
-and token-type embeddings (``position_embed``, ``token_type_embed``), the unembedding when
-it is not tied to the embedding (``unembed``) and BERT's pooler (``pooler``). A 2-D weight
-that fits none of these is still listed, as type ``other``, so nothing is silently skipped;
-the tests require that no supported family has one.
+:meth:`ModelAdapter.projections` does; T5 decoder blocks add ``cross_q cross_k cross_v
+cross_o``), the token embedding (``embed``; a ViT's patch-embedding convolution,
+``patch_embed``, as [out, in·kh·kw]), learned position and token-type embeddings
+(``position_embed``, ``token_type_embed``), a ViT's class and mask tokens (``class_token``,
+``mask_token``, one row each), T5's relative position bias tables (``relative_bias``,
+[buckets, heads]), the unembedding when it is not tied to the embedding (``unembed``) and
+BERT's pooler (``pooler``). A weight of two or more dimensions that fits none of these is
+still listed, as type ``other``, so nothing is silently skipped; the tests require that no
+supported family has one.
 
 Block matrices are named ``{type}.{layer}`` (``q.12``), model-level ones by their type
-(``embed``). Matrices are [out, in] for projections and [rows, d_model] for embeddings.
+(``embed``). In a multi-stack model (T5) the stack qualifies both: block matrices have type
+``{stack}.{type}`` and name ``{stack}.{layer}.{type}`` (``decoder.3.cross_q``, layer 3 of the
+decoder), the relative bias tables are ``encoder.relative_bias`` and ``decoder.relative_bias``.
+Matrices are [out, in] for projections and [rows, d_model] for embeddings.
 
 :class:`WeightEditor` replaces block projections in place (e.g. by a quantized copy) and
 restores them bit for bit; :func:`weights_digest` checks that a model's weights are unchanged.
@@ -27,13 +34,21 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 
 from layerscope.engines.spectra import single_thread
-from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter, ProjectionRef, oriented, projection_matrix
+from layerscope.model.adapter import (
+    CROSS_ATTENTION_TYPES, PROJECTION_TYPES, ModelAdapter, ProjectionRef, oriented, projection_matrix, qualify,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-MODEL_TYPES = ("embed", "position_embed", "token_type_embed", "unembed", "pooler", "other")
-BLOCK_TYPES = PROJECTION_TYPES
+MODEL_TYPES = ("embed", "patch_embed", "position_embed", "token_type_embed", "class_token", "mask_token",
+               "relative_bias", "unembed", "pooler", "other")
+BLOCK_TYPES = PROJECTION_TYPES + CROSS_ATTENTION_TYPES
+
+
+def base_type(mtype: str) -> str:
+    """The projection type without its stack (``decoder.cross_q`` → ``cross_q``)."""
+    return mtype.rsplit(".", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -48,31 +63,22 @@ class WeightMatrix:
     transposed: bool = False  # GPT-2 Conv1D stores [in, out]
 
 
-def _extra_embedding_type(path: str) -> str:
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf == "wpe" or "position" in leaf:
-        return "position_embed"
-    if "token_type" in leaf:
-        return "token_type_embed"
-    return "other"
-
-
 def weight_inventory(adapter: ModelAdapter) -> list[WeightMatrix]:
     """Every 2-D weight of the model exactly once (see module docstring), in model order."""
     model = adapter.model
     params = dict(model.named_parameters())  # tied weights appear once
     name_of = {id(p): n for n, p in params.items()}
+    all_params = dict(model.named_parameters(remove_duplicate=False))
     out: list[WeightMatrix] = []
-    embed_param = name_of[id(adapter.embed.weight)]
-    out.append(WeightMatrix("embed", "embed", None, embed_param))
-    for path in adapter.family.extra_embeddings:
-        param = adapter.param_name(path) + ".weight"
-        if param in params:
-            kind = _extra_embedding_type(path)
-            out.append(WeightMatrix(kind, kind, None, param))
+    for name, mtype, param in adapter.model_matrices():
+        canonical = name_of.get(id(all_params[param]))
+        if canonical is not None and canonical not in {w.param for w in out}:
+            out.append(WeightMatrix(name, mtype, None, canonical))
     for i in range(adapter.n_layers):
+        stack, layer = adapter.block_site(i)
         for ref in adapter.projection_refs(i):
-            out.append(WeightMatrix(f"{ref.type}.{i}", ref.type, i, ref.param, ref.rows, ref.transposed))
+            name = f"{stack}.{layer}.{ref.type}" if stack else f"{ref.type}.{i}"
+            out.append(WeightMatrix(name, qualify(stack, ref.type), layer, ref.param, ref.rows, ref.transposed))
     if adapter.unembed is not None and not adapter.facts.tied_embeddings:
         out.append(WeightMatrix("unembed", "unembed", None, name_of[id(adapter.unembed.weight)]))
     covered = {w.param for w in out}

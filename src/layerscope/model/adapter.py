@@ -6,6 +6,15 @@ of blocks, each block's attention and MLP sub-modules and their projection weigh
 unembedding, the architecture facts, and a block runner that executes any sequence of
 blocks from any residual state.
 
+Two further kinds are read for their weights only (``weight_spectra``, ``weight_topology``):
+``encoder_decoder`` (T5: an encoder and a decoder *stack*, cross-attention ``cross_q cross_k
+cross_v cross_o`` in decoder blocks, a learned relative position bias table per stack) and
+``vision`` (ViT encoders: CLIP's vision tower, DINOv2; a patch-embedding convolution, a class
+token and learned position embeddings). Their blocks form one flat list, encoder blocks first;
+:meth:`ModelAdapter.block_site` names block ``i`` by its stack and index within the stack
+(``encoder.3``, ``decoder.3``). Everything that runs the model (block runner, sub-layers,
+read-out) refuses them, and :func:`load_model` refuses them unless asked for a weights-only view.
+
 Names of places in the model follow one scheme everywhere (sites):
 
 * ``resid.{i}`` — the residual stream entering block ``i`` (``resid.0`` is what block 0
@@ -36,6 +45,11 @@ from layerscope import LayerscopeError
 PROJECTION_TYPES = ("q", "k", "v", "o", "gate", "up", "down")
 ATTENTION_TYPES = ("q", "k", "v", "o")
 MLP_TYPES = ("gate", "up", "down")
+CROSS_ATTENTION_TYPES = ("cross_q", "cross_k", "cross_v", "cross_o")  # T5 decoder blocks: queries from the
+# decoder stream, keys and values from the encoder output
+
+KINDS = ("decoder", "encoder", "encoder_decoder", "vision")
+WEIGHTS_ONLY_KINDS = ("encoder_decoder", "vision")  # read for their weights only: no prompts, no forward passes
 
 
 class UnsupportedArchitecture(LayerscopeError):
@@ -58,7 +72,20 @@ class ProjectionRef:
 
 
 def oriented(weight: torch.Tensor, ref) -> torch.Tensor:
-    """A parameter as [out, in] (GPT-2's Conv1D stores [in, out]); a view, writes go through."""
+    """A parameter as a 2-D [out, in] matrix; a view, writes go through.
+
+    GPT-2's Conv1D stores [in, out] (``transposed``). Parameters that are not 2-D are reshaped:
+    a 4-D convolution kernel [out, in, kh, kw] (a ViT's patch embedding) to [out, in·kh·kw]
+    (flattened in (in, kh, kw) order: row o applied to a flattened patch is output channel o);
+    a 3-D [1, n, d] table (DINOv2's position embeddings, class token) to [n, d]; a 1-D vector
+    (CLIP's class embedding) to one row [1, d].
+    """
+    if weight.ndim == 4:
+        weight = weight.reshape(weight.shape[0], -1)
+    elif weight.ndim == 3:
+        weight = weight.reshape(-1, weight.shape[-1])
+    elif weight.ndim == 1:
+        weight = weight.unsqueeze(0)
     return weight.T if ref.transposed else weight
 
 
@@ -79,7 +106,7 @@ def projection_matrix(weight: torch.Tensor, ref) -> torch.Tensor:
 class ArchFacts:
     family: str
     model_type: str
-    kind: str  # decoder | encoder
+    kind: str  # decoder | encoder | encoder_decoder | vision
     n_layers: int
     d_model: int
     n_heads: int
@@ -90,11 +117,16 @@ class ArchFacts:
     norm_type: str  # rmsnorm | layernorm
     norm_position: str  # pre | post | sandwich
     mlp_type: str  # gated | plain
-    position: str  # rotary | learned
+    position: str  # rotary | learned | relative (T5's bucketed bias)
     tied_embeddings: bool
     parallel_residual: bool = False
     final_logit_softcap: float | None = None
     norm_weight_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + weight)
+    stacks: dict | None = None  # blocks per stack of a multi-stack model ({"encoder": 6, "decoder": 6})
+    patch_size: int | None = None  # vision: side of a square patch, in pixels
+    image_size: int | None = None  # vision: the image side the position table was trained for
+    num_channels: int | None = None  # vision: input channels of the patch embedding
+    not_read: str | None = None  # parts of the checkpoint the view leaves out (a full CLIP's text tower)
 
     @property
     def gqa_group(self) -> int:
@@ -126,9 +158,27 @@ class Family:
     extra_embeddings: tuple[str, ...] = ()  # position / token-type embeddings, relative to base
     norm_weight_offset: float = 0.0
     embed_norm: str | None = None  # a norm applied to the embeddings before block 0 (BERT), relative to base
+    # several block stacks ((stack name, blocks path relative to base), ...); empty: one unnamed stack at `blocks`
+    stacks: tuple[tuple[str, str], ...] = ()
+    embed_type: str = "embed"  # the inventory type of `embed` (a ViT's patch embedding: patch_embed)
 
     def projection_refs(self, config, prefix: str) -> list[ProjectionRef]:  # pragma: no cover - per family
         raise NotImplementedError
+
+    def block_norm_paths(self, stack: str) -> dict[str, str]:
+        """Norms (and DINOv2's layer scales) of a block of ``stack`` by role, relative to the block."""
+        return self.norms
+
+    def final_norms(self) -> list[tuple[str, str]]:
+        """(role, path relative to base) of the norms after the last block of each stack."""
+        return [("final", self.final_norm)] if self.final_norm else []
+
+    def auto_class(self, model_type: str):
+        """The transformers class that loads a checkpoint of this family (with its unembedding, if any)."""
+        import transformers
+
+        return {"decoder": transformers.AutoModelForCausalLM, "encoder_decoder": transformers.AutoModelForSeq2SeqLM}.get(
+            self.kind, transformers.AutoModel)
 
 
 def _llama_like_refs(config, prefix: str, *, fused_qkv: bool = False, fused_gate_up: bool = False) -> list[ProjectionRef]:
@@ -215,6 +265,63 @@ class _Bert(Family):
         ]
 
 
+class _T5(Family):
+    """T5 (and T5 v1.1's gated-GELU MLP): two stacks; decoder blocks add cross-attention."""
+
+    def projection_refs(self, config, prefix):
+        decoder = prefix.split(".")[0] == "decoder"
+        sa = f"{prefix}.layer.0.SelfAttention"
+        refs = [ProjectionRef(t, f"{sa}.{t}.weight") for t in ATTENTION_TYPES]
+        if decoder:
+            ca = f"{prefix}.layer.1.EncDecAttention"
+            refs += [ProjectionRef(f"cross_{t}", f"{ca}.{t}.weight") for t in ATTENTION_TYPES]
+        ff = f"{prefix}.layer.{2 if decoder else 1}.DenseReluDense"
+        if getattr(config, "is_gated_act", False):  # act(wi_0 x) ⊙ (wi_1 x)
+            refs += [ProjectionRef("gate", f"{ff}.wi_0.weight"), ProjectionRef("up", f"{ff}.wi_1.weight")]
+        else:
+            refs.append(ProjectionRef("up", f"{ff}.wi.weight"))
+        refs.append(ProjectionRef("down", f"{ff}.wo.weight"))
+        return refs
+
+    def block_norm_paths(self, stack):
+        if stack == "decoder":
+            return {"attn": "layer.0.layer_norm", "cross_attn": "layer.1.layer_norm", "mlp": "layer.2.layer_norm"}
+        return {"attn": "layer.0.layer_norm", "mlp": "layer.1.layer_norm"}
+
+    def final_norms(self):
+        return [(f"{stack}.final", f"{stack}.final_layer_norm") for stack, _ in self.stacks]
+
+
+class _CLIPVision(Family):
+    def projection_refs(self, config, prefix):
+        a = f"{prefix}.self_attn"
+        return [
+            *(ProjectionRef(t, f"{a}.{t}_proj.weight", bias=f"{a}.{t}_proj.bias") for t in ("q", "k", "v")),
+            ProjectionRef("o", f"{a}.out_proj.weight", bias=f"{a}.out_proj.bias"),
+            ProjectionRef("up", f"{prefix}.mlp.fc1.weight", bias=f"{prefix}.mlp.fc1.bias"),
+            ProjectionRef("down", f"{prefix}.mlp.fc2.weight", bias=f"{prefix}.mlp.fc2.bias"),
+        ]
+
+    def auto_class(self, model_type):
+        import transformers
+
+        # a full CLIP checkpoint (model_type clip) loads its vision tower alone
+        return transformers.CLIPVisionModel
+
+
+class _Dinov2(Family):
+    def projection_refs(self, config, prefix):
+        a = f"{prefix}.attention"
+        refs = [ProjectionRef(t, f"{a}.{t}_proj.weight", bias=f"{a}.{t}_proj.bias") for t in ATTENTION_TYPES]
+        m = f"{prefix}.mlp"
+        if getattr(config, "use_swiglu_ffn", False):  # SwiGLU: silu(gate x) ⊙ (up x)
+            refs += [ProjectionRef(t, f"{m}.{t}_proj.weight", bias=f"{m}.{t}_proj.bias") for t in MLP_TYPES]
+        else:
+            refs += [ProjectionRef("up", f"{m}.fc1.weight", bias=f"{m}.fc1.bias"),
+                     ProjectionRef("down", f"{m}.fc2.weight", bias=f"{m}.fc2.bias")]
+        return refs
+
+
 _PRE_NORMS = {"attn": "input_layernorm", "mlp": "post_attention_layernorm"}
 
 FAMILIES: tuple[Family, ...] = (
@@ -253,6 +360,29 @@ FAMILIES: tuple[Family, ...] = (
         extra_embeddings=("embeddings.position_embeddings", "embeddings.token_type_embeddings"),
         embed_norm="embeddings.LayerNorm",
     ),
+    # weights-only kinds. mlp_type "auto": gated when the block has a gate projection (T5 v1.1, DINOv2 SwiGLU)
+    _T5(
+        "t5", ("t5",), "", "encoder.block", "shared", None, "layer.0.SelfAttention", None, {},
+        "rmsnorm", "pre", "auto", "relative", kind="encoder_decoder",
+        extra_embeddings=("encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+                          "decoder.block.0.layer.0.SelfAttention.relative_attention_bias"),
+        stacks=(("encoder", "encoder.block"), ("decoder", "decoder.block")),
+    ),
+    _CLIPVision(
+        "clip_vision", ("clip_vision_model", "clip"), "", "encoder.layers", "embeddings.patch_embedding",
+        "post_layernorm", "self_attn", "mlp", {"attn": "layer_norm1", "mlp": "layer_norm2"},
+        "layernorm", "pre", "plain", "learned", kind="vision",
+        extra_embeddings=("embeddings.class_embedding", "embeddings.position_embedding"),
+        embed_norm="pre_layrnorm", embed_type="patch_embed",
+    ),
+    _Dinov2(
+        "dinov2", ("dinov2",), "", "encoder.layer", "embeddings.patch_embeddings.projection", "layernorm",
+        "attention", "mlp",
+        {"attn": "norm1", "mlp": "norm2", "attn_layer_scale": "layer_scale1", "mlp_layer_scale": "layer_scale2"},
+        "layernorm", "pre", "auto", "learned", kind="vision",
+        extra_embeddings=("embeddings.cls_token", "embeddings.mask_token", "embeddings.position_embeddings"),
+        embed_type="patch_embed",
+    ),
 )
 
 _BY_MODEL_TYPE = {mt: fam for fam in FAMILIES for mt in fam.model_types}
@@ -279,6 +409,34 @@ def _head_dim(config) -> int:
 
 def _n_kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def qualify(stack: str, name: str) -> str:
+    """``{stack}.{name}`` for a named stack (T5's encoder / decoder), ``name`` for a single-stack model."""
+    return f"{stack}.{name}" if stack else name
+
+
+def extra_embedding_type(path: str) -> str:
+    """The inventory type of a model-level table by its parameter path."""
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf == "wpe" or "position" in leaf:
+        return "position_embed"
+    if "token_type" in leaf:
+        return "token_type_embed"
+    if leaf == "relative_attention_bias":
+        return "relative_bias"
+    if leaf in ("class_embedding", "cls_token"):
+        return "class_token"
+    if leaf == "mask_token":
+        return "mask_token"
+    return "other"
+
+
+def weights_only_message(model: str, kind: str, what: str) -> str:
+    article = "an" if kind[0] in "aeiou" else "a"
+    return (f"{model} is {article} {kind} model: layerscope reads only its weights (weight_spectra, weight_topology); "
+            f"{what} needs a decoder or encoder text model. Leave this model out of the experiment's `models:` "
+            "list (or list only decoder/encoder models there).")
 
 
 class _StopForward(Exception):
@@ -334,7 +492,9 @@ def _first(out):
 class ModelAdapter:
     """The standard view of a loaded Hugging Face model (see module docstring)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, checkpoint_model_type: str | None = None):
+        """``checkpoint_model_type``: the model_type of the folder the model was loaded from, when it differs
+        (a full CLIP checkpoint loaded as its vision tower)."""
         self.model = model
         config = model.config
         self.config = config
@@ -346,37 +506,74 @@ class ModelAdapter:
             )
         self.base = base
         self._base_prefix = f"{self.family.base}." if self.family.base else ""
-        self.blocks: nn.ModuleList = base.get_submodule(self.family.blocks)
-        self.embed: nn.Embedding = base.get_submodule(self.family.embed)
+        self.weights_only = self.family.kind in WEIGHTS_ONLY_KINDS
+        # (stack, index within the stack, block path relative to base) of every block, in flat order
+        stacks = self.family.stacks or (("", self.family.blocks),)
+        self._sites: list[tuple[str, int, str]] = []
+        stack_sizes: dict[str, int] = {}
+        for stack, path in stacks:
+            n = len(base.get_submodule(path))
+            stack_sizes[stack] = n
+            self._sites += [(stack, j, f"{path}.{j}") for j in range(n)]
+        if self.family.stacks:
+            self.blocks = nn.ModuleList([base.get_submodule(path) for _, _, path in self._sites])
+        else:
+            self.blocks: nn.ModuleList = base.get_submodule(self.family.blocks)
+        self.embed: nn.Module = base.get_submodule(self.family.embed)
         self.final_norm: nn.Module | None = base.get_submodule(self.family.final_norm) if self.family.final_norm else None
         self.embed_norm: nn.Module | None = base.get_submodule(self.family.embed_norm) if self.family.embed_norm else None
-        self.unembed: nn.Module | None = model.get_output_embeddings() if self.family.kind == "decoder" else None
+        self.unembed: nn.Module | None = (
+            model.get_output_embeddings() if self.family.kind in ("decoder", "encoder_decoder") else None)
         n_layers = len(self.blocks)
-        if n_layers != config.num_hidden_layers:
-            raise UnsupportedArchitecture(
-                f"{config.model_type}: found {n_layers} blocks but config says {config.num_hidden_layers}"
-            )
+        expected = {"encoder": getattr(config, "num_layers", None),
+                    "decoder": getattr(config, "num_decoder_layers", None)} if self.family.stacks else {
+            "": config.num_hidden_layers}
+        for stack, n in stack_sizes.items():
+            if expected.get(stack) is not None and n != expected[stack]:
+                raise UnsupportedArchitecture(
+                    f"{config.model_type}: found {n} blocks{f' in the {stack}' if stack else ''} but config says "
+                    f"{expected[stack]}"
+                )
         tied = bool(self.unembed is not None and self.unembed.weight is self.embed.weight)
-        d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+        if self.weights_only:
+            # shapes from the weights themselves (T5's d_kv, DINOv2's SwiGLU width are not hidden / heads, 4 × d)
+            first = {ref.type: ref for ref in self.projection_refs(0)}
+            params = dict(model.named_parameters(remove_duplicate=False))
+            d_ff = oriented(params[first["down"].param], first["down"]).shape[1]
+            n_heads = config.num_attention_heads
+            head_dim = oriented(params[first["q"].param], first["q"]).shape[0] // n_heads
+            n_kv_heads = n_heads
+            mlp_type = "gated" if "gate" in first else "plain"
+        else:
+            d_ff = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+            n_heads, n_kv_heads, head_dim = config.num_attention_heads, _n_kv_heads(config), _head_dim(config)
+            mlp_type = self.family.mlp_type
+        vision = self.family.kind == "vision"
         self.facts = ArchFacts(
             family=self.family.name,
             model_type=config.model_type,
             kind=self.family.kind,
             n_layers=n_layers,
             d_model=config.hidden_size,
-            n_heads=config.num_attention_heads,
-            n_kv_heads=_n_kv_heads(config),
-            head_dim=_head_dim(config),
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            head_dim=head_dim,
             d_ff=int(d_ff),
-            vocab_size=config.vocab_size,
+            vocab_size=int(getattr(config, "vocab_size", 0) or 0),
             norm_type=self.family.norm_type,
             norm_position=self.family.norm_position,
-            mlp_type=self.family.mlp_type,
+            mlp_type=mlp_type,
             position=self.family.position,
             tied_embeddings=tied,
             parallel_residual=bool(getattr(config, "use_parallel_residual", False)),
             final_logit_softcap=getattr(config, "final_logit_softcapping", None),
             norm_weight_offset=self.family.norm_weight_offset,
+            stacks=dict(stack_sizes) if self.family.stacks else None,
+            patch_size=int(config.patch_size) if vision else None,
+            image_size=int(config.image_size) if vision else None,
+            num_channels=int(config.num_channels) if vision else None,
+            not_read=("the text tower, text_projection, visual_projection and logit_scale of the full CLIP checkpoint"
+                      if checkpoint_model_type == "clip" else None),
         )
 
     # ------------------------------------------------------------------ structure
@@ -399,20 +596,66 @@ class ModelAdapter:
     def mlp(self, i: int) -> nn.Module | None:
         return self.blocks[i].get_submodule(self.family.mlp) if self.family.mlp else None
 
-    def block_norms(self, i: int) -> dict[str, nn.Module]:
-        """The block's norm modules by role (attn, mlp, attn_out, mlp_out)."""
-        return {role: self.blocks[i].get_submodule(path) for role, path in self.family.norms.items() if path}
+    def block_site(self, i: int) -> tuple[str, int]:
+        """(stack, index within the stack) of flat block ``i``; the stack is "" for single-stack models."""
+        stack, j, _ = self._sites[i]
+        return stack, j
 
-    def norm_scale(self, norm: nn.Module) -> torch.Tensor:
-        """The effective per-dimension scale γ of a norm (Gemma stores γ − 1)."""
+    def block_label(self, i: int) -> str:
+        """``encoder.3`` / ``decoder.3`` for multi-stack models, ``3`` otherwise."""
+        stack, j = self.block_site(i)
+        return qualify(stack, str(j))
+
+    def block_norms(self, i: int) -> dict[str, nn.Module]:
+        """The block's norm modules by role (attn, mlp, attn_out, mlp_out; T5 decoders: cross_attn; DINOv2:
+        attn_layer_scale, mlp_layer_scale — per-dimension scales of the sub-layers' outputs)."""
+        paths = self.family.block_norm_paths(self.block_site(i)[0])
+        return {role: self.blocks[i].get_submodule(path) for role, path in paths.items() if path}
+
+    def model_norms(self) -> list[tuple[str, nn.Module]]:
+        """(role, module) of the norms outside the blocks: ``embed`` before block 0, ``final`` after the last
+        (T5: ``encoder.final`` and ``decoder.final``)."""
+        out = [("embed", self.embed_norm)] if self.embed_norm is not None else []
+        return out + [(role, self.base.get_submodule(path)) for role, path in self.family.final_norms()]
+
+    def norm_scale(self, norm: nn.Module) -> torch.Tensor | None:
+        """The effective per-dimension scale γ of a norm (Gemma stores γ − 1; DINOv2's layer scale is its
+        ``lambda1``); None for a norm without a scale."""
+        if getattr(norm, "weight", None) is None:
+            scale = getattr(norm, "lambda1", None)
+            return scale.detach() if scale is not None else None
         return norm.weight.detach() + self.facts.norm_weight_offset
+
+    def qk_pairs(self, i: int) -> list[tuple[str, str, str]]:
+        """(circuit, query type, key type) of block ``i``'s attention: ``self`` (q, k) and, in T5 decoder
+        blocks, ``cross`` (cross_q reads the decoder stream, cross_k the encoder output)."""
+        types = {ref.type for ref in self.projection_refs(i)}
+        out = [("self", "q", "k")]
+        if "cross_q" in types:
+            out.append(("cross", "cross_q", "cross_k"))
+        return out
+
+    def model_matrices(self) -> list[tuple[str, str, str]]:
+        """(name, type, parameter) of the model-level matrices the family declares: the token (or patch)
+        embedding, then position / token-type / class / mask tokens and relative position biases."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        out = [(self.family.embed_type, self.family.embed_type, self.param_name(self.family.embed) + ".weight")]
+        for path in self.family.extra_embeddings:
+            full = self.param_name(path)
+            param = f"{full}.weight" if f"{full}.weight" in params else full
+            if param not in params:
+                continue
+            kind = extra_embedding_type(path)
+            stack = path.split(".")[0] if self.family.stacks else ""
+            out.append((qualify(stack, kind), kind, param))
+        return out
 
     def param_name(self, path: str) -> str:
         """Parameter (or module) name relative to the model root of a path relative to the backbone."""
         return f"{self._base_prefix}{path}"
 
     def block_prefix(self, i: int) -> str:
-        return f"{self._base_prefix}{self.family.blocks}.{i}"
+        return f"{self._base_prefix}{self._sites[i][2]}"
 
     def projection_refs(self, i: int) -> list[ProjectionRef]:
         return self.family.projection_refs(self.config, self.block_prefix(i))
@@ -423,8 +666,13 @@ class ModelAdapter:
         return {ref.type: projection_matrix(params[ref.param].detach(), ref) for ref in self.projection_refs(i)}
 
     def linear_weight_names(self) -> list[str]:
-        """Every 2-D weight parameter of the model (embeddings included), without duplicates of tied weights."""
-        return [n for n, p in self.model.named_parameters() if p.ndim == 2]
+        """Every weight parameter of two or more dimensions (embeddings and convolution kernels included),
+        without duplicates of tied weights."""
+        return [n for n, p in self.model.named_parameters() if p.ndim >= 2]
+
+    def _needs_forward(self, what: str) -> None:
+        if self.weights_only:
+            raise LayerscopeError(weights_only_message(self.facts.model_type, self.facts.kind, what))
 
     # ------------------------------------------------------------------ block runner
 
@@ -438,6 +686,7 @@ class ModelAdapter:
         is the usual 2-D padding mask or a prepared 4-D mask (passed through as-is, with
         explicit ``position_ids``: packed sequences).
         """
+        self._needs_forward("the block runner")
         captured = BlockInputs(resid0=torch.empty(0))
         n = self.n_layers
         records: list[tuple[tuple, dict] | None] = [None] * n
@@ -509,6 +758,7 @@ class ModelAdapter:
         see :class:`SubLayers` for the definition per family. Dropout modules are not
         called: the adapter's model is in eval mode, where they are the identity.
         """
+        self._needs_forward("sub-layer functions")
         block = self.blocks[index]
         named = self._block_call_kwargs(index, inputs)
         if self.family.norm_position == "post":  # BERT: the norms sit inside the sub-layers
@@ -566,6 +816,7 @@ class ModelAdapter:
         Per-layer config entries (``layer_types``) follow their blocks; run it without a KV cache
         (attention layers keep their original ``layer_idx``).
         """
+        self._needs_forward("a reordered block list")
         path = self.family.blocks
         container = self.base.get_submodule(path.rpartition(".")[0]) if "." in path else self.base
         name = path.rpartition(".")[2]
@@ -589,6 +840,7 @@ class ModelAdapter:
 
     def readout(self, hidden: torch.Tensor) -> torch.Tensor:
         """What the model applies after its last block: final norm, unembedding, logit soft-cap."""
+        self._needs_forward("a read-out")
         if self.unembed is None:
             raise LayerscopeError(f"{self.facts.model_type} is an encoder: it has no unembedding to read out")
         h = self.final_norm(hidden) if self.final_norm is not None else hidden
@@ -617,10 +869,11 @@ def check_supported(model_dir: str | Path, kind: str | None = None) -> Family:
         raise UnsupportedArchitecture(f"{model_dir}: config.json has no model_type")
     family = family_for(model_type, cfg.get("architectures"))
     if kind is not None and kind != family.kind:
+        article = "an" if family.kind[0] in "aeiou" else "a"
         raise LayerscopeError(
             f"{model_dir}: the model's `kind` setting is '{kind}'"
             + (" (the default when `kind` is left out)" if kind == "decoder" else "")
-            + f", but its architecture {model_type} is an {family.kind}; set `kind: {family.kind}` for this model "
+            + f", but its architecture {model_type} is {article} {family.kind}; set `kind: {family.kind}` for this model "
             "under `models:` in the config"
         )
     return family
@@ -641,17 +894,26 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     kind: str | None = None,
+    weights_only: bool = False,
 ) -> ModelAdapter:
-    """Load a prepared model folder (safetensors only) and wrap it in an adapter."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    """Load a prepared model folder (safetensors only) and wrap it in an adapter.
 
+    Models of a weights-only kind (``encoder_decoder``, ``vision``) load only with
+    ``weights_only=True`` (the weight experiments); anything else is refused here, from
+    config.json alone, with the model's folder name and kind in the message.
+    """
+    cfg = read_model_config(model_dir)
+    family = family_for(cfg.get("model_type", "?"), cfg.get("architectures"))
+    if family.kind in WEIGHTS_ONLY_KINDS and not weights_only:
+        raise LayerscopeError(weights_only_message(f"model '{Path(model_dir).name}' ({cfg.get('model_type')})",
+                                                   family.kind, "this experiment"))
     family = check_supported(model_dir, kind)
     torch_dtype = resolve_dtype(dtype, device)
-    cls = AutoModelForCausalLM if family.kind == "decoder" else AutoModel
+    cls = family.auto_class(cfg.get("model_type"))
     model = cls.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True)
     model.to(device)
     model.eval()
-    return ModelAdapter(model)
+    return ModelAdapter(model, checkpoint_model_type=cfg.get("model_type"))
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -38,7 +38,7 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.txt",
     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "generation_config.json", "spiece.model",
+    "generation_config.json", "spiece.model", "preprocessor_config.json",
 )
 
 
@@ -196,17 +196,15 @@ def _from_folder(folder: Path, dst: Path, kind: str, trust_remote_code: bool, al
                 f"{folder}: only pickle checkpoints ({', '.join(p.name for p in pickles)}), which can execute code "
                 "when loaded; set `allow_pickle: true` for this model to convert them to safetensors"
             )
-        model = _load_folder_model(folder, family.kind, trust_remote_code, use_safetensors=False)
+        model = _load_folder_model(folder, family, trust_remote_code, use_safetensors=False)
         model.save_pretrained(dst, safe_serialization=True)
     else:
         raise PrepareError(f"{folder}: no weights found (no *.safetensors)")
     return _verify(dst, family.kind, trust_remote_code)
 
 
-def _load_folder_model(folder: Path, kind: str, trust_remote_code: bool, use_safetensors: bool = True):
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    cls = AutoModelForCausalLM if kind == "decoder" else AutoModel
+def _load_folder_model(folder: Path, family, trust_remote_code: bool, use_safetensors: bool = True):
+    cls = family.auto_class(read_model_config(folder).get("model_type"))
     return cls.from_pretrained(str(folder), use_safetensors=use_safetensors, trust_remote_code=trust_remote_code)
 
 
@@ -262,14 +260,20 @@ def _verify(folder: Path, kind: str, trust_remote_code: bool) -> dict:
 
     family = check_supported(folder, kind)
     with torch.device("meta"):
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-        cls = AutoModelForCausalLM if family.kind == "decoder" else AutoModel
-        model = cls.from_config(config, trust_remote_code=trust_remote_code)
-    adapter = ModelAdapter(model)
+        model_type = read_model_config(folder).get("model_type")
+        cls = family.auto_class(model_type)
+        if hasattr(cls, "from_config"):  # an Auto* class
+            config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+            model = cls.from_config(config, trust_remote_code=trust_remote_code)
+        else:  # a concrete class (CLIPVisionModel: its config class also reads a full CLIP checkpoint's vision part)
+            model = cls(cls.config_class.from_pretrained(str(folder)))
+    adapter = ModelAdapter(model, checkpoint_model_type=model_type)
     if not list(folder.glob("*.safetensors")):
         raise PrepareError(f"{folder}: no safetensors weights were written")
+    if family.kind == "vision":  # images, not text: an image processor config is optional, no tokenizer
+        return adapter.facts.to_dict()
     tokenizer_files = [n for n in TOKENIZER_FILES if (folder / n).is_file() and n.startswith(("tok", "vocab", "spiece"))]
     if not tokenizer_files:
         raise PrepareError(f"{folder}: no tokenizer files (tokenizer.json, vocab.txt, …)")

@@ -2,7 +2,8 @@
 
 For each matrix of :func:`layerscope.engines.weights.weight_inventory` (block projections
 ``q k v o gate up down`` per layer, fused ones split, plus embeddings, an untied
-unembedding and BERT's pooler) the singular values are computed in float64 and summarised
+unembedding and BERT's pooler; T5's cross-attention and relative position bias tables, a
+ViT's patch embedding reshaped to [out, in·kh·kw], class and mask tokens) the singular values are computed in float64 and summarised
 with the definitions of :mod:`layerscope.engines.spectra`, each named in its metric:
 
 * ``roy_vetterli_effective_rank`` — exp(H(p)), p = σ/Σσ (Roy & Vetterli's effective rank), and
@@ -65,6 +66,12 @@ MATRIX_METRICS = (
     "entropy_effective_rank_ratio", "participation_ratio", "stable_rank", "spectral_norm",
     "condition_number", "frobenius_norm", "sigma_min",
 )
+RESHAPES = {
+    1: "a vector as one row [1, d] (CLIP's class embedding)",
+    3: "[1, n, d] as [n, d] (DINOv2's class token and position table)",
+    4: "a convolution kernel [out, in, kh, kw] as [out, in·kh·kw], flattened in (in, kh, kw) order: row o applied "
+       "to a flattened patch gives output channel o (a ViT's patch embedding)",
+}
 JUMP_METRICS = ("entropy_effective_rank", "participation_ratio", "stable_rank", "spectral_norm")
 
 
@@ -204,18 +211,24 @@ def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_frac
         for _, row in table[table["layer"].isna()].iterrows()
     }
     top = [_jump_dict(r) for _, r in erank_jumps.head(n_top_jumps).iterrows()]
+    params = dict(adapter.model.named_parameters())
+    inventory = {w.name: w for w in weight_inventory(adapter)}
     summary = {
         "model": model,
+        "kind": adapter.facts.kind,
+        "stacks": adapter.facts.stacks,
         "n_layers": adapter.n_layers,
         "n_matrices": int(len(table)),
         "n_block_matrices": int(len(blocks)),
         "entropy_effective_rank_ratio_mean": float(blocks["entropy_effective_rank_ratio"].mean()),
         "roy_vetterli_effective_rank_ratio_mean": float(blocks["roy_vetterli_effective_rank_ratio"].mean()),
     }
+    # (T5's types carry their stack, encoder.q: the key reads entropy_effective_rank_ratio_encoder_q)
     for mtype, info in by_type.items():
-        summary[f"entropy_effective_rank_ratio_{mtype}"] = info["entropy_effective_rank_ratio_mean"]
+        summary[f"entropy_effective_rank_ratio_{mtype.replace('.', '_')}"] = info["entropy_effective_rank_ratio_mean"]
     for mtype, info in by_type.items():
-        summary[f"roy_vetterli_effective_rank_ratio_{mtype}"] = info["roy_vetterli_effective_rank_ratio_mean"]
+        summary[f"roy_vetterli_effective_rank_ratio_{mtype.replace('.', '_')}"] = info[
+            "roy_vetterli_effective_rank_ratio_mean"]
     summary.update({
         "largest_jump_type": top[0]["type"] if top else None,
         "largest_jump_from_layer": top[0]["from_layer"] if top else None,
@@ -230,6 +243,12 @@ def _summary(table, jumps, degenerate, adapter, *, model, top_k, degenerate_frac
                                               "type_median_ratio": row["type_median_ratio"]}
                                 for _, row in degenerate.iterrows()},
         "model_matrices": model_level,
+        # parameters that are not 2-D, analysed as the matrix the adapter makes of them
+        "reshaped": {name: {"parameter_shape": list(params[w.param].shape),
+                            "matrix_shape": [int(table.loc[table["name"] == name, "rows"].iloc[0]),
+                                             int(table.loc[table["name"] == name, "cols"].iloc[0])],
+                            "how": RESHAPES[params[w.param].ndim]}
+                     for name, w in inventory.items() if params[w.param].ndim != 2},
         "definitions": RANK_DEFINITIONS,
         "params": {"top_k": top_k, "degenerate_fraction": degenerate_fraction, "jump_metric": "entropy_effective_rank"},
         **deterministic("the weights"),
@@ -244,15 +263,17 @@ def plot_rank_ratio(result: SpectraResult, path: str | Path) -> None:
     from layerscope.report.plotting import PALETTE, figure, save
 
     blocks = result.table[result.table["layer"].notna()]
-    n_layers = result.summary["n_layers"]
+    n_layers = int(blocks["layer"].max()) + 1 if len(blocks) else 1  # per stack for T5 (types carry the stack)
     with figure(1, 2, width=10.0, height=3.8) as (fig, axes):
         for k, mtype in enumerate(_type_order(blocks["type"])):
             group = blocks[blocks["type"] == mtype].sort_values("layer")
             x = group["layer"].to_numpy(dtype=int)
             color = PALETTE[k % len(PALETTE)]
+            style = ":" if mtype.startswith("decoder.cross") else "--" if mtype.startswith("decoder.") else "-"
             axes[0].plot(x, group["entropy_effective_rank_ratio"], marker="o", markersize=2.5, color=color,
-                         label=mtype)
-            axes[1].plot(x, group["spectral_norm"], marker="o", markersize=2.5, color=color, label=mtype)
+                         label=mtype, linestyle=style)
+            axes[1].plot(x, group["spectral_norm"], marker="o", markersize=2.5, color=color, label=mtype,
+                         linestyle=style)
         deg = result.degenerate
         if len(deg):
             axes[0].scatter(deg["layer"].astype(int), deg["entropy_effective_rank_ratio"], s=60, facecolors="none",
@@ -261,7 +282,7 @@ def plot_rank_ratio(result: SpectraResult, path: str | Path) -> None:
         axes[1].set_ylabel("spectral norm σ_max")
         axes[1].set_yscale("log")
         for ax in axes:
-            ax.set_xlabel("layer (block index)")
+            ax.set_xlabel("layer (block index" + (" within its stack)" if result.summary.get("stacks") else ")"))
             ax.set_xlim(-0.5, n_layers - 0.5)
         axes[0].legend(loc="best", ncol=2)
         top = result.summary["top_jumps"][:1]
@@ -281,7 +302,8 @@ def plot_singular_values(result: SpectraResult, path: str | Path) -> None:
     types = _type_order(result.table["type"])
     ncols = min(4, len(types))
     nrows = int(np.ceil(len(types) / ncols))
-    n_layers = result.summary["n_layers"]
+    layers = result.table["layer"].dropna()
+    n_layers = int(layers.max()) + 1 if len(layers) else 1
     cmap = mpl.colormaps["viridis"]
     with figure(nrows, ncols, width=2.6 * ncols + 1, height=2.3 * nrows + 0.6) as (fig, axes):
         axes = np.atleast_1d(axes).ravel()
@@ -316,7 +338,7 @@ def run(job: Job) -> Result:
 
     params = job.params
     return_large_frees_to_the_os()
-    adapter = load_model(job.input("model"), dtype="float32", device="cpu")
+    adapter = load_model(job.input("model"), dtype="float32", device="cpu", weights_only=True)
     result = weight_spectra(
         adapter, model=job.model, top_k=params["top_k"], degenerate_fraction=params["degenerate_fraction"],
         n_top_jumps=params["n_top_jumps"], chunk_rows=params["chunk_rows"],

@@ -32,9 +32,19 @@
 * **norm scales** — the effective per-dimension scale γ of every norm (Gemma's stored γ−1
   corrected by the adapter) across depth: mean, std, min, max, and the full vectors.
 * **position structure** — for learned absolute position embeddings (GPT-2 ``wpe``, BERT
-  ``position_embeddings``): norm by position, cosine between positions as a function of
-  their offset, and the effective rank of the table. Rotary models have no position
-  weights; no supported family has learned relative biases.
+  ``position_embeddings``, a ViT's ``position_embed`` over class token + patches in raster
+  order): norm by position, cosine between positions as a function of their offset, and the
+  effective rank of the table. Rotary models have no position weights. T5's learned
+  relative position bias (one [buckets, heads] table per stack, shared by its layers) is
+  reported by shape, bucket count, maximum distance, direction, per-head norm and the bias
+  each head adds as a function of the relative position key − query.
+
+Multi-stack models (T5): block matrices carry their stack in their type (``encoder.q``),
+so every per-type analysis stays within one stack; QK circuits are ``encoder.self``,
+``decoder.self`` and ``decoder.cross`` (queries from the decoder stream, keys from the
+encoder output: the symmetry measures compare a space with itself and are left out, NaN,
+for cross circuits); norm roles are ``encoder.attn``, ``decoder.cross_attn``, ... The
+``layer`` column is the index within the stack.
 """
 
 from __future__ import annotations
@@ -49,10 +59,10 @@ import pandas as pd
 import torch
 
 from layerscope import LayerscopeError
-from layerscope.model.adapter import PROJECTION_TYPES, ModelAdapter
+from layerscope.model.adapter import ModelAdapter, qualify
 from layerscope.engines.spectra import entropy_effective_rank, gram_matrix, single_thread, singular_values, stable_rank
 from layerscope.engines.statistics import deterministic, empirical_p
-from layerscope.engines.weights import WeightSource, parallel_map, weight_inventory
+from layerscope.engines.weights import WeightSource, base_type, parallel_map, weight_inventory
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 
 log = logging.getLogger(__name__)
@@ -60,7 +70,12 @@ log = logging.getLogger(__name__)
 DEFINITIONS = {
     "sparsity_abs_lt_t": "fraction of entries with |w| < t",
     "sparsity_rms_lt_t": "fraction of entries with |w| < t · sqrt(mean(w²)) of the same matrix",
-    "qk_circuit": "M = W_Q,hᵀ W_K,g (g = h // gqa_group), no bias, no rotary rotation, no 1/√d_head scale",
+    "qk_circuit": "M = W_Q,hᵀ W_K,g (g = h // gqa_group), no bias, no rotary rotation, no 1/√d_head scale; "
+                  "circuit self (queries and keys from the same stream) or cross (T5 decoder: W_Q reads the decoder "
+                  "stream, W_K the encoder output; symmetry measures NaN)",
+    "relative_position_bias": "T5: a learned [num_buckets, n_heads] table per stack; the bias of head h for "
+                              "relative position key − query is table[bucket(key − query), h] (bidirectional "
+                              "buckets in the encoder, causal in the decoder)",
     "symmetric_energy_fraction": "‖(M + Mᵀ)/2‖_F² / ‖M‖_F²",
     "positive_energy_fraction": "Σ_{λ>0} λ² / Σ λ² over eigenvalues λ of (M + Mᵀ)/2",
     "entropy_effective_rank": "exp(H(p)), p = σ²/Σσ²; for QK circuits the ratio is to d_head (their maximal rank)",
@@ -122,8 +137,11 @@ def sparsity_fractions(counts: pd.DataFrame) -> tuple[pd.DataFrame, dict, dict]:
 # ---------------------------------------------------------------------------- QK circuits
 
 
-def qk_circuit(w_q: torch.Tensor, w_k: torch.Tensor) -> dict:
+def qk_circuit(w_q: torch.Tensor, w_k: torch.Tensor, *, same_space: bool = True) -> dict:
     """Spectrum and symmetry of M = w_qᵀ w_k for one head (w_q, w_k: [d_head, d_model]).
+
+    ``same_space=False`` (a cross-attention circuit: queries and keys read different streams)
+    leaves the symmetry measures out (NaN): the transpose of M pairs unrelated coordinates.
 
     With C = [w_qᵀ w_kᵀ] = Q R (reduced QR, R = [R_q R_k]), M = Q (R_q R_kᵀ) Qᵀ: the small
     matrix M' = R_q R_kᵀ has M's nonzero singular values, Frobenius norms of M, of its
@@ -143,6 +161,15 @@ def qk_circuit(w_q: torch.Tensor, w_k: torch.Tensor) -> dict:
     pos, neg = eig[eig > tol], eig[eig < -tol]
     eig_energy = float((eig**2).sum())
     erank = entropy_effective_rank(sv)
+    if not same_space:
+        nan = float("nan")
+        return {
+            "singular_values": sv, "sym_eigenvalues": np.zeros(0), "entropy_effective_rank": erank,
+            "entropy_effective_rank_ratio": erank / head_dim, "stable_rank": stable_rank(sv),
+            "spectral_norm": float(sv.max()) if sv.size else 0.0, "frobenius_norm": float(np.sqrt(total)),
+            "symmetric_energy_fraction": nan, "antisymmetric_energy_fraction": nan, "positive_energy_fraction": nan,
+            "n_positive_eigenvalues": -1, "n_negative_eigenvalues": -1,
+        }
     return {
         "singular_values": sv,
         "sym_eigenvalues": eig[::-1],
@@ -165,25 +192,34 @@ QK_METRICS = ("entropy_effective_rank", "entropy_effective_rank_ratio", "stable_
 
 
 def qk_circuits(adapter: ModelAdapter, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Per (layer, query head): the circuit's metrics; and its singular values (long)."""
+    """Per (circuit, layer, query head): the circuit's metrics; and its singular values (long).
+
+    ``circuit`` is ``self`` (single-stack models) or ``{stack}.self`` / ``decoder.cross`` (T5);
+    ``layer`` is the block's index within its stack.
+    """
     f = adapter.facts
     hd, group = f.head_dim, f.gqa_group
 
-    def layer_circuits(layer):
-        proj = adapter.projections(layer)
+    def block_circuits(block):
+        proj = adapter.projections(block)
+        stack, layer = adapter.block_site(block)
         rows, spectra = [], []
-        for head in range(f.n_heads):
-            kv = head // group
-            out = qk_circuit(proj["q"][head * hd : (head + 1) * hd], proj["k"][kv * hd : (kv + 1) * hd])
-            rows.append({"layer": layer, "head": head, "kv_head": kv, **{m: out[m] for m in QK_METRICS}})
-            sv = out["singular_values"]
-            spectra.append(pd.DataFrame({"layer": layer, "head": head, "index": np.arange(len(sv), dtype=np.int32),
-                                         "singular_value": sv}))
+        for circuit, q_type, k_type in adapter.qk_pairs(block):
+            name = qualify(stack, circuit)
+            for head in range(f.n_heads):
+                kv = head // group
+                out = qk_circuit(proj[q_type][head * hd : (head + 1) * hd], proj[k_type][kv * hd : (kv + 1) * hd],
+                                 same_space=circuit == "self")
+                rows.append({"circuit": name, "layer": layer, "head": head, "kv_head": kv,
+                             **{m: out[m] for m in QK_METRICS}})
+                sv = out["singular_values"]
+                spectra.append(pd.DataFrame({"circuit": name, "layer": layer, "head": head,
+                                             "index": np.arange(len(sv), dtype=np.int32), "singular_value": sv}))
         return rows, spectra
 
-    results = parallel_map(layer_circuits, range(adapter.n_layers), workers)
-    rows = [r for layer_rows, _ in results for r in layer_rows]
-    spectra = [s for _, layer_spectra in results for s in layer_spectra]
+    results = parallel_map(block_circuits, range(adapter.n_layers), workers)
+    rows = [r for block_rows, _ in results for r in block_rows]
+    spectra = [s for _, block_spectra in results for s in block_spectra]
     return pd.DataFrame(rows), pd.concat(spectra, ignore_index=True)
 
 
@@ -197,8 +233,9 @@ def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: floa
         raise LayerscopeError(f"weight_topology: dead_ratio ({dead_ratio}) must not exceed degenerate_ratio "
                               f"({degenerate_ratio})")
 
-    def layer_neurons(layer):
-        proj = adapter.projections(layer)
+    def layer_neurons(block):
+        proj = adapter.projections(block)
+        stack, layer = adapter.block_site(block)
         norms = {}
         for t in ("gate", "up"):
             if t in proj:
@@ -216,6 +253,7 @@ def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: floa
                                    np.where(frame["ratio"] < degenerate_ratio, "degenerate", "ok"))
         frame.insert(0, "neuron", np.arange(len(frame), dtype=np.int32))
         frame.insert(0, "layer", layer)
+        frame.insert(0, "stack", stack)  # "" for single-stack models
         return frame
 
     return pd.concat(parallel_map(layer_neurons, range(adapter.n_layers), workers), ignore_index=True)
@@ -224,7 +262,10 @@ def mlp_neurons(adapter: ModelAdapter, dead_ratio: float, degenerate_ratio: floa
 # ---------------------------------------------------------------------------- cross-layer similarity
 
 # the side of each block projection ([out, in]) that lives in the residual stream
-RESIDUAL_SIDE = {"q": "in", "k": "in", "v": "in", "gate": "in", "up": "in", "o": "out", "down": "out"}
+# (T5 cross-attention: cross_q reads the decoder stream, cross_k / cross_v the encoder output — the encoder's
+# residual basis after its final norm — and cross_o writes the decoder stream)
+RESIDUAL_SIDE = {"q": "in", "k": "in", "v": "in", "gate": "in", "up": "in", "o": "out", "down": "out",
+                 "cross_q": "in", "cross_k": "in", "cross_v": "in", "cross_o": "out"}
 
 
 def residual_gram(matrix: torch.Tensor, side: str, chunk_elements: int = 1 << 20) -> torch.Tensor:
@@ -299,9 +340,9 @@ def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: in
     """Per block type: the layers × layers residual Gram similarity and its random-rotation null."""
     adapter = source.adapter
     d = adapter.facts.d_model
-    inventory = [w for w in weight_inventory(adapter) if w.layer is not None and w.type in RESIDUAL_SIDE]
+    inventory = [w for w in weight_inventory(adapter) if w.layer is not None and base_type(w.type) in RESIDUAL_SIDE]
     groups = {}
-    for mtype in [t for t in PROJECTION_TYPES if any(w.type == t for w in inventory)]:
+    for mtype in dict.fromkeys(w.type for w in inventory):  # types carry their stack: one stack per group
         group = sorted((w for w in inventory if w.type == mtype), key=lambda w: w.layer)
         if len(group) >= 2:
             groups[mtype] = group
@@ -310,7 +351,7 @@ def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: in
 
     def layer_gram(w):
         m = source.matrix(w)
-        side = RESIDUAL_SIDE[w.type]
+        side = RESIDUAL_SIDE[base_type(w.type)]
         if (m.shape[1] if side == "in" else m.shape[0]) != d:
             raise LayerscopeError(f"weight_topology: {w.name} {tuple(m.shape)} has no residual side of size {d}")
         shifted, eig = traceless(residual_gram(m, side, chunk_elements))
@@ -330,20 +371,26 @@ def cross_layer(source: WeightSource, chunk_elements: int = 1 << 20, workers: in
 
 
 def norm_scales(adapter: ModelAdapter) -> pd.DataFrame:
-    """Every norm's effective γ per dimension (and β where the norm has a bias): long table."""
+    """Every norm's effective γ per dimension (and β where the norm has a bias): long table.
+
+    Roles carry the stack in multi-stack models (``decoder.cross_attn``); DINOv2's layer scales
+    (``attn_layer_scale``, ``mlp_layer_scale``: per-dimension factors on the sub-layer outputs) are
+    listed with γ = their λ.
+    """
     entries = []
-    if adapter.embed_norm is not None:
-        entries.append((None, "embed", adapter.embed_norm))
-    for layer in range(adapter.n_layers):
-        for role, norm in adapter.block_norms(layer).items():
-            entries.append((layer, role, norm))
-    if adapter.final_norm is not None:
-        entries.append((None, "final", adapter.final_norm))
+    model_norms = adapter.model_norms()
+    entries += [(None, role, norm) for role, norm in model_norms if role == "embed"]
+    for block in range(adapter.n_layers):
+        stack, layer = adapter.block_site(block)
+        for role, norm in adapter.block_norms(block).items():
+            entries.append((layer, qualify(stack, role), norm))
+    entries += [(None, role, norm) for role, norm in model_norms if role != "embed"]
     frames = []
     for layer, role, norm in entries:
-        if getattr(norm, "weight", None) is None:
+        gamma = adapter.norm_scale(norm)
+        if gamma is None:
             continue
-        gamma = adapter.norm_scale(norm).double().numpy()
+        gamma = gamma.double().numpy()
         bias = getattr(norm, "bias", None)
         frames.append(pd.DataFrame({
             "layer": layer, "role": role, "dim": np.arange(len(gamma), dtype=np.int32), "gamma": gamma,
@@ -396,6 +443,37 @@ def position_structure(table: torch.Tensor, offsets_reported=(1, 2, 4, 8, 16, 32
     return stats, curve, norms.numpy(), cos
 
 
+def relative_position_bias(table: torch.Tensor, *, bidirectional: bool, max_distance: int,
+                           max_offset: int | None = None) -> tuple[dict, pd.DataFrame]:
+    """A T5 relative position bias table [num_buckets, n_heads]: its facts, and the bias of every head
+    for every relative position key − query in [−max_offset, max_offset] (default: 2 × max_distance)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    t = torch.as_tensor(table).detach().to(torch.float64)
+    n_buckets, n_heads = t.shape
+    span = 2 * max_distance if max_offset is None else max_offset
+    offsets = torch.arange(-span, span + 1)
+    buckets = T5Attention._relative_position_bucket(offsets, bidirectional=bidirectional, num_buckets=n_buckets,
+                                                    max_distance=max_distance)
+    curve = pd.DataFrame({"offset": np.repeat(offsets.numpy(), n_heads).astype(np.int32),
+                          "head": np.tile(np.arange(n_heads, dtype=np.int32), len(offsets)),
+                          "bucket": np.repeat(buckets.numpy(), n_heads).astype(np.int32),
+                          "bias": t[buckets].reshape(-1).numpy()})
+    head_norms = torch.linalg.vector_norm(t, dim=0)
+    stats = {
+        "shape": [int(n_buckets), int(n_heads)],
+        "num_buckets": int(n_buckets),
+        "max_distance": int(max_distance),
+        "bidirectional": bool(bidirectional),
+        "head_norm": [float(v) for v in head_norms],
+        "head_norm_mean": float(head_norms.mean()),
+        "frobenius_norm": float(torch.linalg.vector_norm(t)),
+        "bias_range": [float(t.min()), float(t.max())],
+        "buckets_used": sorted(int(b) for b in set(buckets.tolist())),
+    }
+    return stats, curve
+
+
 CROSS_LAYER_METRICS = ("gram_similarity", "null_mean", "null_q95", "p_value")
 
 
@@ -431,6 +509,7 @@ class TopologyResult:
     summary: dict
     similarities: dict  # type -> layers × layers residual Gram similarity (for the figure)
     position_tables: dict  # name -> (norms, cosine matrix) (for the figure)
+    relative_biases: dict = None  # name -> bias by relative position and head (T5; for the figure)
 
 
 def _tidy(analysis: str, frame: pd.DataFrame, metrics, *, type_col: str | None = None, type_value: str = "",
@@ -473,16 +552,17 @@ def weight_topology(
     per_matrix, sparsity_by_type, sparsity_overall = sparsity_fractions(counts)
     sparsity_cols = [c for c in per_matrix.columns if c.startswith("sparsity_")]
 
-    log.info("QK circuits (%d layers x %d heads)", adapter.n_layers, f.n_heads)
+    log.info("QK circuits (%d blocks x %d heads)", adapter.n_layers, f.n_heads)
     qk, qk_spectra = qk_circuits(adapter, workers)
 
     log.info("MLP neurons")
     neurons = mlp_neurons(adapter, dead_ratio, degenerate_ratio, workers)
-    per_layer_neurons = neurons.groupby("layer")["status"].value_counts().unstack(fill_value=0)
+    per_layer_neurons = neurons.groupby(["stack", "layer"], sort=False)["status"].value_counts().unstack(fill_value=0)
     for status in ("dead", "degenerate", "ok"):
         if status not in per_layer_neurons:
             per_layer_neurons[status] = 0
     per_layer_neurons = per_layer_neurons.reset_index()
+    per_layer_neurons["type"] = [qualify(st, "mlp") for st in per_layer_neurons["stack"]]
 
     log.info("cross-layer residual Gram similarity (%d random rotations)", n_null)
     similarities = cross_layer(source, chunk_elements, workers, n_null=n_null, seed=seed)
@@ -500,6 +580,14 @@ def weight_topology(
         position_tables[w.name] = (norms, cos, curve)
         curve.insert(0, "matrix", w.name)
         position_rows.append(curve)
+    relative_stats, relative_curves = {}, {}
+    for w in weight_inventory(adapter):
+        if w.type != "relative_bias":
+            continue
+        stack = w.name.split(".")[0]
+        relative_stats[w.name], relative_curves[w.name] = relative_position_bias(
+            source.matrix(w), bidirectional=stack != "decoder",
+            max_distance=int(getattr(adapter.config, "relative_attention_max_distance", 128)))
     position = (pd.concat(position_rows, ignore_index=True) if position_rows
                 else pd.DataFrame({"matrix": pd.Series(dtype=str), "offset": pd.Series(dtype=np.int32),
                                    "mean_cosine": pd.Series(dtype=float)}))
@@ -508,8 +596,9 @@ def weight_topology(
     # tidy table: analysis, matrix, type, layer, index (head / paired layer), metric, value
     parts = [
         _tidy("sparsity", per_matrix, sparsity_cols, type_col="type", matrix_col="matrix"),
-        _tidy("qk_circuit", qk, QK_METRICS, type_value="qk", index_col="head"),
-        _tidy("mlp_neurons", per_layer_neurons, ["dead", "degenerate", "ok"], type_value="mlp"),
+        _tidy("qk_circuit", qk.assign(qk_type=["qk" if c == "self" else f"qk.{c}" for c in qk["circuit"]]),
+              QK_METRICS, type_col="qk_type", index_col="head"),
+        _tidy("mlp_neurons", per_layer_neurons, ["dead", "degenerate", "ok"], type_col="type"),
         _tidy("cross_layer_gram_similarity", corr_frame, list(CROSS_LAYER_METRICS), type_col="type",
               layer_col="layer_i", index_col="layer_j"),
         _tidy("norm_scale", scale_stats, ["mean", "std", "min", "max", "abs_mean"], type_col="role"),
@@ -518,20 +607,27 @@ def weight_topology(
         frame = pd.DataFrame([{k: (np.nan if v is None else float(v)) for k, v in stats.items()}])
         parts.append(_tidy("position", frame.assign(matrix=name), list(stats), type_value="position_embed",
                            layer_col=None, matrix_col="matrix"))
+    for w in weight_inventory(adapter):  # one row per (bucket, head): the learned bias itself
+        if w.type == "relative_bias":
+            table = source.matrix(w).double().numpy()
+            heads = [f"bias_head_{h}" for h in range(table.shape[1])]
+            frame = pd.DataFrame(table, columns=heads).assign(matrix=w.name, bucket=np.arange(len(table)))
+            parts.append(_tidy("relative_position_bias", frame, heads, type_value="relative_bias", layer_col=None,
+                               index_col="bucket", matrix_col="matrix"))
     metrics = pd.concat(parts, ignore_index=True)
     metrics.insert(0, "model", model)
 
     summary = _summary(
         adapter, model=model, sparsity_by_type=sparsity_by_type, sparsity_overall=sparsity_overall, qk=qk,
         neurons=neurons, per_layer_neurons=per_layer_neurons, similarities=similarities, cross_frame=corr_frame,
-        scale_stats=scale_stats, position_stats=position_stats,
+        scale_stats=scale_stats, position_stats=position_stats, relative_stats=relative_stats,
         params={"abs_thresholds": list(abs_thresholds), "rms_thresholds": list(rms_thresholds),
                 "dead_ratio": dead_ratio, "degenerate_ratio": degenerate_ratio, "n_null": n_null, "seed": seed},
     )
     for frame in (per_matrix, qk, qk_spectra, neurons, corr_frame, scales, position):
         frame.insert(0, "model", model)
     return TopologyResult(metrics, per_matrix, qk, qk_spectra, neurons, corr_frame, scales, position, summary,
-                          {t: c.similarity for t, c in similarities.items()}, position_tables)
+                          {t: c.similarity for t, c in similarities.items()}, position_tables, relative_curves)
 
 
 def _offdiag(corr: np.ndarray, k: int | None = None) -> np.ndarray:
@@ -547,10 +643,10 @@ def _pair(row) -> dict:
 
 
 def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons, per_layer_neurons, similarities,
-             cross_frame, scale_stats, position_stats, params) -> dict:
+             cross_frame, scale_stats, position_stats, params, relative_stats=None) -> dict:
     f = adapter.facts
     n_neurons = len(neurons)
-    qk_sorted = qk.sort_values("symmetric_energy_fraction")
+    qk_sorted = qk[qk["symmetric_energy_fraction"].notna()].sort_values("symmetric_energy_fraction")  # self circuits
     cross = {}
     n_null = params["n_null"]
     adjacent_all = cross_frame[cross_frame["layer_j"] == cross_frame["layer_i"] + 1]
@@ -567,20 +663,22 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
             "strongest_adjacent": _pair(adjacent.iloc[-1]),
             "weakest_adjacent": _pair(adjacent.iloc[0]),
         }
-    block_scales = scale_stats[scale_stats["layer"].notna()]
+    all_block_scales = scale_stats[scale_stats["layer"].notna()]
     norms = {}
-    for role, group in block_scales.groupby("role", sort=False):
+    for role, group in all_block_scales.groupby("role", sort=False):
         group = group.sort_values("layer")
         norms[role] = {"mean_by_layer": [float(v) for v in group["mean"]],
                        "max_by_layer": [float(v) for v in group["max"]]}
-    for role in ("final", "embed"):
-        row = scale_stats[scale_stats["role"] == role]
-        if len(row):
-            norms[role] = {k: float(row.iloc[0][k]) for k in ("mean", "std", "min", "max")}
+    for _, row in scale_stats[scale_stats["layer"].isna()].iterrows():  # embed, final (T5: one per stack)
+        norms[row["role"]] = {k: float(row[k]) for k in ("mean", "std", "min", "max")}
+    # DINOv2's layer scales are reported with the norms but are not norms: the norm-scale headlines leave them out
+    block_scales = all_block_scales[~all_block_scales["role"].str.endswith("layer_scale")]
     summary = {
         "model": model,
         "n_layers": adapter.n_layers,
         "family": f.family,
+        "kind": f.kind,
+        "stacks": f.stacks,
         "position": f.position,
     }
     summary.update(sparsity_overall)
@@ -604,7 +702,7 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
                                                      if cross else None),
     })
     for mtype, info in cross.items():
-        summary[f"cross_layer_adjacent_gram_similarity_{mtype}"] = info["adjacent_mean"]
+        summary[f"cross_layer_adjacent_gram_similarity_{mtype.replace('.', '_')}"] = info["adjacent_mean"]
     if len(block_scales):
         first = block_scales[block_scales["layer"] == block_scales["layer"].min()]
         last = block_scales[block_scales["layer"] == block_scales["layer"].max()]
@@ -618,10 +716,25 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
             summary[f"{name}_{key}"] = stats[key]
     summary.update({
         "sparsity_by_type": sparsity_by_type,
+        # per block in model order (T5: encoder self, then per decoder block its self and cross circuits)
         "qk_by_layer": {
-            "symmetric_energy_fraction": [float(v) for v in qk.groupby("layer")["symmetric_energy_fraction"].mean()],
-            "entropy_effective_rank_ratio": [float(v) for v in
-                                             qk.groupby("layer")["entropy_effective_rank_ratio"].mean()],
+            "symmetric_energy_fraction": [float(v) for v in qk.groupby(["circuit", "layer"], sort=False)[
+                "symmetric_energy_fraction"].mean()],
+            "entropy_effective_rank_ratio": [float(v) for v in qk.groupby(["circuit", "layer"], sort=False)[
+                "entropy_effective_rank_ratio"].mean()],
+        },
+        "qk_by_circuit": {
+            circuit: {
+                "n_heads": int(len(group)),
+                "layers": [int(v) for v in group["layer"].unique()],
+                "spectral_norm_mean": float(group["spectral_norm"].mean()),
+                "entropy_effective_rank_ratio_mean": float(group["entropy_effective_rank_ratio"].mean()),
+                "entropy_effective_rank_ratio_by_layer": [
+                    float(v) for v in group.groupby("layer", sort=False)["entropy_effective_rank_ratio"].mean()],
+                "symmetric_energy_fraction_mean": (float(group["symmetric_energy_fraction"].mean())
+                                                   if group["symmetric_energy_fraction"].notna().any() else None),
+            }
+            for circuit, group in qk.groupby("circuit", sort=False)
         },
         "mlp_by_layer": {
             "dead": [int(v) for v in per_layer_neurons["dead"]],
@@ -635,6 +748,7 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
         },
         "norm_scales": norms,
         "position_embeddings": position_stats,
+        "relative_position_bias": relative_stats or {},
         "definitions": DEFINITIONS,
         "params": params,
         **deterministic("the weights"),
@@ -643,7 +757,9 @@ def _summary(adapter, *, model, sparsity_by_type, sparsity_overall, qk, neurons,
 
 
 def _head_name(row) -> str:
-    return f"L{int(row['layer'])}.H{int(row['head'])}"
+    circuit = row.get("circuit", "self")
+    prefix = "" if circuit == "self" else f"{circuit}."
+    return f"{prefix}L{int(row['layer'])}.H{int(row['head'])}"
 
 
 # ---------------------------------------------------------------------------- figures
@@ -655,7 +771,8 @@ def plot_qk(result: TopologyResult, path: str | Path) -> None:
     from layerscope.report.plotting import figure, save
 
     qk, spectra = result.qk, result.qk_spectra
-    n_layers = result.summary["n_layers"]
+    n_layers = int(qk["layer"].max()) + 1
+    circuits = list(dict.fromkeys(qk["circuit"]))
     cmap = mpl.colormaps["viridis"]
     with figure(1, 3, width=12.5, height=3.9) as (fig, axes):
         for (layer, head), group in spectra.groupby(["layer", "head"], sort=False):
@@ -671,15 +788,26 @@ def plot_qk(result: TopologyResult, path: str | Path) -> None:
             (axes[1], "symmetric_energy_fraction", "symmetric energy ‖S‖²/‖M‖²", dict(cmap="RdBu_r", vmin=0, vmax=1)),
             (axes[2], "entropy_effective_rank_ratio", "effective rank / d_head", dict(cmap="viridis", vmin=0)),
         ):
-            grid = qk.pivot(index="layer", columns="head", values=metric).to_numpy()
+            # one band of rows per circuit (T5: encoder.self, decoder.self, decoder.cross), layers upward
+            pivots = [qk[qk["circuit"] == c].pivot(index="layer", columns="head", values=metric) for c in circuits]
+            grid = np.vstack([pv.to_numpy(dtype=float) for pv in pivots])
             image = ax.imshow(grid, aspect="auto", origin="lower", interpolation="nearest", **kwargs)
             ax.set_xlabel("query head")
-            ax.set_ylabel("layer")
+            if len(circuits) > 1:
+                labels = [f"{c} {layer}" for c, pv in zip(circuits, pivots) for layer in pv.index]
+                ax.set_yticks(range(len(labels)), labels, fontsize="x-small")
+                edges = np.cumsum([len(pv) for pv in pivots])[:-1] - 0.5
+                for edge in edges:
+                    ax.axhline(edge, color="white", linewidth=1.5)
+            else:
+                ax.set_ylabel("layer")
             ax.set_title(title)
             ax.grid(False)
             fig.colorbar(image, ax=ax)
+        cross = "; cross circuits: no symmetry (blank)" if any(c.endswith("cross") for c in circuits) else ""
         fig.suptitle(f"QK circuits — {result.summary['model']} ({result.summary['qk_heads']} heads; "
-                     f"mean symmetric fraction {result.summary['qk_symmetric_energy_fraction_mean']:.3f}, 0.5 = none)")
+                     f"mean symmetric fraction {result.summary['qk_symmetric_energy_fraction_mean']:.3f}, 0.5 = none"
+                     f"{cross})")
         save(fig, path)
 
 
@@ -754,9 +882,10 @@ def plot_norm_scales(result: TopologyResult, path: str | Path) -> None:
 
 
 def plot_position(result: TopologyResult, path: str | Path) -> None:
-    from layerscope.report.plotting import figure, save
+    from layerscope.report.plotting import PALETTE, figure, save
 
-    if not result.position_tables:
+    relative = result.relative_biases or {}
+    if not result.position_tables and not relative:
         with figure(width=6.4, height=1.6) as (fig, ax):
             ax.axis("off")
             ax.text(0.5, 0.5, f"{result.summary['model']}: {result.summary['position']} position encoding — "
@@ -764,7 +893,8 @@ def plot_position(result: TopologyResult, path: str | Path) -> None:
             save(fig, path)
         return
     items = list(result.position_tables.items())
-    with figure(len(items), 3, width=12.0, height=3.6 * len(items)) as (fig, axes):
+    rows = len(items) + (1 if relative else 0)
+    with figure(rows, 3, width=12.0, height=3.6 * rows) as (fig, axes):
         axes = np.atleast_2d(axes)
         for row, (name, (norms, cos, curve)) in zip(axes, items):
             image = row[0].imshow(cos, vmin=-1, vmax=1, cmap="RdBu_r", origin="lower", interpolation="nearest")
@@ -780,7 +910,26 @@ def plot_position(result: TopologyResult, path: str | Path) -> None:
             row[2].plot(np.arange(len(norms)), norms)
             row[2].set_xlabel("position")
             row[2].set_ylabel("‖p_i‖")
-        fig.suptitle(f"learned position embeddings — {result.summary['model']}")
+        if relative:
+            row = axes[-1]
+            for ax, (name, curve) in zip(row[:2], list(relative.items())[:2]):
+                for h, group in curve.groupby("head"):
+                    ax.plot(group["offset"], group["bias"], color=PALETTE[h % len(PALETTE)], linewidth=0.9,
+                            drawstyle="steps-mid", label=f"head {h}" if h < 8 else None)
+                ax.axvline(0, color="grey", linewidth=0.6)
+                info = result.summary["relative_position_bias"][name]
+                ax.set_title(f"{name}: {info['num_buckets']} buckets, max distance {info['max_distance']}, "
+                             f"{'bidirectional' if info['bidirectional'] else 'causal'}", fontsize="small")
+                ax.set_xlabel("relative position key − query")
+                ax.set_ylabel("bias added to the score")
+            row[0].legend(loc="best", fontsize="x-small", ncol=2)
+            for k, name in enumerate(relative):
+                norms = result.summary["relative_position_bias"][name]["head_norm"]
+                row[2].bar(np.arange(len(norms)) + 0.4 * k, norms, width=0.4, label=name)
+            row[2].set_xlabel("head")
+            row[2].set_ylabel("‖bias column‖ over buckets")
+            row[2].legend(loc="best", fontsize="x-small")
+        fig.suptitle(f"learned position weights — {result.summary['model']}")
         save(fig, path)
 
 
@@ -791,7 +940,7 @@ def run(job: Job) -> Result:
 
     params = job.params
     return_large_frees_to_the_os()
-    adapter = load_model(job.input("model"), dtype="float32", device="cpu")
+    adapter = load_model(job.input("model"), dtype="float32", device="cpu", weights_only=True)
     result = weight_topology(
         adapter, model=job.model, abs_thresholds=tuple(params["abs_thresholds"]),
         rms_thresholds=tuple(params["rms_thresholds"]), dead_ratio=params["dead_ratio"],
