@@ -75,7 +75,24 @@ def test_decoder_only_experiment_refuses_an_encoder():
     cfg = minimal()
     cfg["models"]["enc"] = {"kind": "encoder", "source": {"type": "local", "path": "/y"}}
     cfg["experiments"]["logit_lens"]["models"] = ["enc"]
-    with pytest.raises(ConfigError, match="logit_lens needs a decoder, but 'enc' is an encoder"):
+    with pytest.raises(ConfigError, match="logit_lens runs on decoder models, but 'enc' is of kind 'encoder'"):
+        check(cfg)
+
+
+def test_weights_only_kinds_get_only_the_weight_experiments():
+    from layerscope.jobs.config import experiment_models
+
+    cfg = minimal()
+    cfg["models"]["t5"] = {"kind": "encoder_decoder", "source": {"type": "local", "path": "/t5"}}
+    cfg["models"]["vit"] = {"kind": "vision", "source": {"type": "local", "path": "/vit"}}
+    cfg["experiments"].update({"weight_spectra": {}, "residual_geometry": {}})
+    filled = check(cfg)
+    assert set(experiment_models(filled, "weight_spectra")) >= {"t5", "vit"}
+    assert not {"t5", "vit"} & set(experiment_models(filled, "residual_geometry"))
+    assert not {"t5", "vit"} & set(experiment_models(filled, "logit_lens"))
+    cfg["experiments"]["residual_geometry"]["models"] = ["t5"]
+    with pytest.raises(ConfigError, match="residual_geometry runs on decoder or encoder models, but 't5' is of "
+                                          "kind 'encoder_decoder'"):
         check(cfg)
 
 

@@ -84,6 +84,7 @@ class Experiment:
     render: bool = False  # receives the model's rendering parameters (chat template, system prompt)
     uses_prompt_sets: bool = True  # for model_pairs: whether runs are per prompt set too
     headlines: tuple[str, ...] = ()  # summary keys reported with an interval K_ci (the writer checks them)
+    kinds: tuple[str, ...] = ()  # model kinds it runs on ("" = decoders, or decoders and encoders for needs="any")
     dashboard: tuple[str, ...] = ()  # summary keys the report leads with (index and model pages; default: headlines)
 
     def __post_init__(self):
@@ -102,6 +103,16 @@ class Experiment:
     def key(self) -> str:
         """Its block under ``experiments:`` in the config."""
         return self.config_key or self.name
+
+    @property
+    def model_kinds(self) -> tuple[str, ...]:
+        """The model kinds it runs on: declared, else decoders (needs="decoder") or decoders and encoders."""
+        if self.kinds:
+            return self.kinds
+        return ("decoder",) if self.needs == "decoder" else ("decoder", "encoder")
+
+    def accepts(self, kind: str) -> bool:
+        return kind in self.model_kinds
 
     @property
     def report_section(self) -> str:

@@ -106,9 +106,10 @@ def validate_config(config: dict, schema_path: str | Path, base_dir: str | Path 
         for model in exp.get("models", []):
             if model not in models:
                 problems.append(f"config.experiments.{name}.models: unknown model {model!r}; configured: {sorted(models)}")
-            elif info.needs == "decoder" and models[model]["kind"] != "decoder":
+            elif not info.accepts(models[model]["kind"]):
                 problems.append(
-                    f"config.experiments.{name}.models: {name} needs a decoder, but {model!r} is an {models[model]['kind']}"
+                    f"config.experiments.{name}.models: {name} runs on {' or '.join(info.model_kinds)} models, but "
+                    f"{model!r} is of kind {models[model]['kind']!r}"
                 )
         for pset in exp.get("prompt_sets", []):
             if pset not in psets:
@@ -170,7 +171,7 @@ def experiment_models(config: dict, name: str) -> list[str]:
     info = experiment_infos().get(name) or info_of(name)
     exp = config["experiments"].get(info.key, {})
     chosen = exp.get("models") or list(config["models"])
-    return [m for m in chosen if info.needs == "any" or config["models"][m]["kind"] == info.needs]
+    return [m for m in chosen if info.accepts(config["models"][m]["kind"])]
 
 
 def experiment_prompt_sets(config: dict, name: str) -> list[str]:

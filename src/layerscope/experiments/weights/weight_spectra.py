@@ -358,6 +358,7 @@ def to_result(result: SpectraResult) -> Result:
 
 EXPERIMENT = Experiment(
     name="weight_spectra",
+    kinds=("decoder", "encoder", "encoder_decoder", "vision"),  # weights only: any architecture the adapter reads
     dashboard=('entropy_effective_rank_ratio_mean', 'roy_vetterli_effective_rank_ratio_mean', 'n_deg', 'largest_jump_from_layer'),
     family="weights",
     description="singular-value spectra of every weight matrix",

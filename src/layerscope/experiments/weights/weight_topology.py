@@ -964,6 +964,7 @@ def to_result(result: TopologyResult) -> Result:
 
 EXPERIMENT = Experiment(
     name="weight_topology",
+    kinds=("decoder", "encoder", "encoder_decoder", "vision"),  # weights only: any architecture the adapter reads
     dashboard=('mlp_dead_fraction', 'qk_symmetric_energy_fraction_mean', 'cross_layer_adjacent_gram_similarity_mean', 'cross_layer_adjacent_above_null_fraction'),
     family="weights",
     description="sparsity, QK circuits, MLP neurons, cross-layer similarity, norm scales, positions",
