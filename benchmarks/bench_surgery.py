@@ -76,6 +76,77 @@ def chunks(items: list, n: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+def open_engine(args):
+    """The engine on the seeded, stratified sample of the cache (args: model_dir, cache, prompts, seed,
+    max_target_tokens, batch_size, threads), after printing what it evaluates."""
+    import torch
+
+    from layerscope.data.activations import ActivationCache
+    from layerscope.engines.sampling import sample_cache_prompts
+    from layerscope.engines.surgery import LossEvaluator
+    from layerscope.model.adapter import load_model, load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    model_dir = ensure_model(args.model_dir)
+    adapter = load_model(model_dir, dtype="float32")
+    cache = ActivationCache(ensure_cache(args.cache, model_dir, args.prompts, adapter, load_tokenizer(model_dir)))
+    prompt_ids, sample = sample_cache_prompts(cache.tokens, args.prompts, seed=args.seed)
+    engine = LossEvaluator(adapter, cache, batch_size=args.batch_size, prompt_ids=prompt_ids,
+                           max_target_tokens=args.max_target_tokens)
+    print(f"sample: {sample['prompt_categories']}", flush=True)
+    full_tokens = sum(len(p.full_ids) for p in engine.prompts)
+    print(f"model {model_dir.name}: {engine.n_layers} blocks; {len(engine.prompts)} prompts, {full_tokens} tokens, "
+          f"{engine.n_targets} completion tokens; engine layout {engine.layout}, "
+          f"{engine.positions_per_block} positions per block call; {args.threads} thread(s)", flush=True)
+    return engine
+
+
+def best_naive_batch(engine, batch_size: int) -> int:
+    """The naive sweep's best batching on this machine (1 or ``batch_size``), timed on the unmodified model."""
+    from layerscope.engines.surgery import naive_losses
+
+    identity = [list(range(engine.n_layers))]
+    naive_time = {}
+    for batch in sorted({1, batch_size}):
+        naive_losses(engine, identity, batch_size=batch)  # warm-up
+        started = time.perf_counter()
+        for _ in range(2):
+            naive_losses(engine, identity, batch_size=batch)
+        naive_time[batch] = (time.perf_counter() - started) / 2
+    best = min(naive_time, key=naive_time.get)
+    print("naive forward per variant: " + ", ".join(f"batch {b}: {t:.2f}s" for b, t in naive_time.items())
+          + f" -> naive uses batch {best}", flush=True)
+    return best
+
+
+def race(name: str, engine, variants: list, naive_batch: int, n_chunks: int) -> tuple[float, float, float]:
+    """Engine and naive sweep over ``variants``, alternating chunk by chunk (so a change in machine load hits
+    both): (engine seconds, naive seconds, largest absolute loss difference)."""
+    import numpy as np
+
+    from layerscope.engines.surgery import naive_losses
+
+    t_engine = t_naive = 0.0
+    ours, theirs = [], []
+    for k, part in enumerate(chunks(variants, n_chunks)):
+        runs = [("engine", lambda p=part: engine.losses(p)), ("naive", lambda p=part: naive_losses(
+            engine, p, batch_size=naive_batch))]
+        if k % 2:
+            runs.reverse()
+        for label, fn in runs:
+            started = time.perf_counter()
+            values = fn()
+            elapsed = time.perf_counter() - started
+            if label == "engine":
+                t_engine += elapsed
+                ours += values
+            else:
+                t_naive += elapsed
+                theirs += values
+        print(f"  {name} chunk {k + 1}: engine {t_engine:.1f}s, naive {t_naive:.1f}s so far", flush=True)
+    return t_engine, t_naive, float(np.max(np.abs(np.array(ours) - np.array(theirs))))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
@@ -89,68 +160,21 @@ def main() -> int:
     parser.add_argument("--sweeps", default="knockout,swap")
     args = parser.parse_args()
 
-    import numpy as np
-    import torch
+    from layerscope.engines.surgery import skip, swap
 
-    from layerscope.data.activations import ActivationCache
-    from layerscope.model.adapter import load_model, load_tokenizer
-    from layerscope.engines.sampling import sample_cache_prompts
-    from layerscope.engines.surgery import LossEvaluator, naive_losses, skip, swap
-
-    torch.set_num_threads(args.threads)
-    model_dir = ensure_model(args.model_dir)
-    adapter = load_model(model_dir, dtype="float32")
-    cache = ActivationCache(ensure_cache(args.cache, model_dir, args.prompts, adapter, load_tokenizer(model_dir)))
-    prompt_ids, sample = sample_cache_prompts(cache.tokens, args.prompts, seed=args.seed)
-    engine = LossEvaluator(adapter, cache, batch_size=args.batch_size, prompt_ids=prompt_ids,
-                           max_target_tokens=args.max_target_tokens)
-    print(f"sample: {sample['prompt_categories']}", flush=True)
+    engine = open_engine(args)
     L = engine.n_layers
-    full_tokens = sum(len(p.full_ids) for p in engine.prompts)
-    print(f"model {model_dir.name}: {L} blocks; {len(engine.prompts)} prompts, {full_tokens} tokens, "
-          f"{engine.n_targets} completion tokens; engine layout {engine.layout}, "
-          f"{engine.positions_per_block} positions per block call; {args.threads} thread(s)", flush=True)
-
-    # the naive sweep's best batching, timed on the unmodified model
-    identity = [list(range(L))]
-    naive_time = {}
-    for batch in sorted({1, args.batch_size}):
-        naive_losses(engine, identity, batch_size=batch)  # warm-up
-        started = time.perf_counter()
-        for _ in range(2):
-            naive_losses(engine, identity, batch_size=batch)
-        naive_time[batch] = (time.perf_counter() - started) / 2
-    naive_batch = min(naive_time, key=naive_time.get)
-    print("naive forward per variant: " + ", ".join(f"batch {b}: {t:.2f}s" for b, t in naive_time.items())
-          + f" -> naive uses batch {naive_batch}", flush=True)
+    naive_batch = best_naive_batch(engine, args.batch_size)
 
     sweeps = {
         "knockout": [skip(L, i) for i in range(L)],
         "swap": [swap(L, i, j) for i, j in itertools.combinations(range(L), 2)],
     }
-    engine.losses(identity)  # warm-up (captures block inputs)
+    engine.losses([list(range(L))])  # warm-up (captures block inputs)
     results = {}
     for name in [s.strip() for s in args.sweeps.split(",") if s.strip()]:
         variants = sweeps[name]
-        t_engine = t_naive = 0.0
-        ours, theirs = [], []
-        for k, part in enumerate(chunks(variants, args.chunks)):
-            runs = [("engine", lambda p=part: engine.losses(p)), ("naive", lambda p=part: naive_losses(
-                engine, p, batch_size=naive_batch))]
-            if k % 2:
-                runs.reverse()
-            for label, fn in runs:
-                started = time.perf_counter()
-                values = fn()
-                elapsed = time.perf_counter() - started
-                if label == "engine":
-                    t_engine += elapsed
-                    ours += values
-                else:
-                    t_naive += elapsed
-                    theirs += values
-            print(f"  {name} chunk {k + 1}: engine {t_engine:.1f}s, naive {t_naive:.1f}s so far", flush=True)
-        diff = float(np.max(np.abs(np.array(ours) - np.array(theirs))))
+        t_engine, t_naive, diff = race(name, engine, variants, naive_batch, args.chunks)
         ratio = t_engine / t_naive
         results[name] = ratio
         verdict = "meets" if ratio <= TARGETS[name] else "misses"

@@ -1,4 +1,4 @@
-"""End-to-end Snakemake run of the surgery rules (knockout, swap, shuffle) on stories260K."""
+"""End-to-end Snakemake run of the surgery rules (knockout, swap, shuffle, layer_repeat) on stories260K."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def write_config(workdir, stories_dir, swap: dict | None = None):
             "knockout": {"max_prompts": 3, "pairwise_top": 3},
             "swap": {"max_prompts": 2, "n_zones": 2, **(swap or {})},
             "shuffle": {"max_prompts": 2, "refine_max_evals": 20, "anneal_steps": 20, "pipeline_max_evals": 30},
+            "layer_repeat": {"max_prompts": 3, "max_repeats": 2},
         },
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -51,6 +52,7 @@ def test_surgery_outputs(run):
         "knockout": ["summary.json", "metrics.parquet", "pairs.parquet", "ratio.png", "synergy.png"],
         "swap": ["summary.json", "metrics.parquet", "pairs.parquet", "cost_matrix.png", "sensitivity.png"],
         "shuffle": ["summary.json", "metrics.parquet", "orders.parquet", "methods.png", "orders.png"],
+        "layer_repeat": ["summary.json", "metrics.parquet", "ratio.png", "scatter.png"],
     }
     for experiment, names in files.items():
         for name in names:
@@ -67,8 +69,11 @@ def test_surgery_outputs(run):
         assert summary["uncertainty"]["unit"] == "prompt" and summary["underpowered"]
     shuffle = json.loads((base / "shuffle/summary.json").read_text())
     assert len(shuffle["methods"]) == 9 and shuffle["permutation_seed"] == 0
+    repeat = json.loads((base / "layer_repeat/summary.json").read_text())
+    assert repeat["repeats"] == [2] and len(repeat["ratio_by_layer"][0]) == 5 and len(repeat["pair_ratio_by_layer"]) == 4
+    assert repeat["skip_ratio_by_layer"] == pytest.approx(knockout["ratio_by_layer"], rel=1e-12)  # same sample
     page = (run / "results/report/stories.md").read_text()
-    for key in ("most_critical_layer", "top_synergy_pairs", "cheapest_swap", "best_tau"):
+    for key in ("most_critical_layer", "top_synergy_pairs", "cheapest_swap", "best_tau", "most_tolerant_layer"):
         assert key in page
     assert not list(run.rglob("*.tmp*"))
 

@@ -18,6 +18,16 @@ from layerscope.engines.sampling import sample_summary
 from layerscope.engines.statistics import Bootstrap, contain
 from layerscope.engines.surgery import LossEvaluator
 
+# the sample every loss-sweep experiment (knockout, swap, shuffle, layer_repeat) evaluates on
+MAX_PROMPTS_PARAM = {
+    "description": "Evaluate the loss on a seeded, category-stratified sample of N prompts of the prompt "
+                   "set (every category first, the rest in proportion; null: all). Every variant re-runs "
+                   "blocks on these prompts, so this sets the cost.",
+    "type": ["integer", "null"],
+    "minimum": 1,
+    "default": 7
+}
+
 
 def prompt_sums(evaluator: LossEvaluator, per_token: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt loss sums of several per-token arrays, [n_prompts, n_arrays], and the token counts [n_prompts]."""
@@ -28,6 +38,16 @@ def prompt_sums(evaluator: LossEvaluator, per_token: Sequence[np.ndarray]) -> tu
     if counts is None:
         counts = np.array([len(p.target_order) for p in evaluator.prompts], dtype=float)
     return (np.stack(columns, axis=1) if columns else np.zeros((len(counts), 0))), counts
+
+
+def loss_ratios(sums: np.ndarray, baseline: np.ndarray) -> np.ndarray:
+    """Bootstrap statistic: loss ratio of each variant to the baseline on the same resample.
+
+    ``sums`` [n_boot, P, ...] are the variants' per-prompt loss sums, ``baseline`` [n_boot, P]
+    the baseline's; the token counts cancel. Returns [n_boot, ...].
+    """
+    total = baseline.sum(1)
+    return sums.sum(1) / total.reshape(total.shape + (1,) * (sums.ndim - 2))
 
 
 def interval(boot: Bootstrap, point, *arrays, statistic: Callable[..., np.ndarray]):

@@ -29,7 +29,7 @@ from layerscope import LayerscopeError
 from layerscope.engines.statistics import N_BOOT, Bootstrap
 from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, skip, surgery_evaluator
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
-from layerscope.experiments.surgery.common import interval, prompt_sums, sample_fragment
+from layerscope.experiments.surgery.common import MAX_PROMPTS_PARAM, interval, loss_ratios, prompt_sums, sample_fragment
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +87,6 @@ def _loss(b, c):
     return b.sum(1) / c.sum(1)
 
 
-def _ratio(s, b):
-    return s.sum(1) / b.sum(1)[:, None]
-
-
 def _delta(s, b, c):
     return (s.sum(1) - b.sum(1)[:, None]) / c.sum(1)[:, None]
 
@@ -116,11 +112,11 @@ def knockout(evaluator: LossEvaluator, *, model: str, prompt_set: str, pairwise_
     boot = Bootstrap(len(c), unit="prompt", n_boot=n_boot, seed=seed)
     baseline_ci = interval(boot, baseline, b, c, statistic=_loss)
     loss_ci = interval(boot, single, s, c, statistic=lambda s, c: s.sum(1) / c.sum(1)[:, None])
-    ratio_ci = interval(boot, ratio, s, b, statistic=_ratio)
+    ratio_ci = interval(boot, ratio, s, b, statistic=loss_ratios)
     delta_ci = interval(boot, delta, s, b, c, statistic=_delta)
     most, least = int(np.argmax(ratio)), int(np.argmin(ratio))
-    _, most_stability = boot.stability(s, b, statistic=_ratio, pick=lambda r: int(np.argmax(r)))
-    _, least_stability = boot.stability(s, b, statistic=_ratio, pick=lambda r: int(np.argmin(r)))
+    _, most_stability = boot.stability(s, b, statistic=loss_ratios, pick=lambda r: int(np.argmax(r)))
+    _, least_stability = boot.stability(s, b, statistic=loss_ratios, pick=lambda r: int(np.argmin(r)))
     boot.check_stability("most_critical_layer", most_stability)
     boot.check_stability("least_critical_layer", least_stability)
 
@@ -168,13 +164,13 @@ def knockout(evaluator: LossEvaluator, *, model: str, prompt_set: str, pairwise_
         "most_critical_layer": most,
         "most_critical_layer_stability": float(most_stability),
         "max_ratio": float(ratio.max()),
-        "max_ratio_ci": interval(boot, ratio.max(), s, b, statistic=lambda s, b: _ratio(s, b).max(axis=1)),
+        "max_ratio_ci": interval(boot, ratio.max(), s, b, statistic=lambda s, b: loss_ratios(s, b).max(axis=1)),
         "max_delta": float(delta.max()),
         "max_delta_ci": interval(boot, delta.max(), s, b, c, statistic=lambda s, b, c: _delta(s, b, c).max(axis=1)),
         "least_critical_layer": least,
         "least_critical_layer_stability": float(least_stability),
         "min_ratio": float(ratio.min()),
-        "min_ratio_ci": interval(boot, ratio.min(), s, b, statistic=lambda s, b: _ratio(s, b).min(axis=1)),
+        "min_ratio_ci": interval(boot, ratio.min(), s, b, statistic=lambda s, b: loss_ratios(s, b).min(axis=1)),
         "pairwise_layers": [int(i) for i in sweep["top"]],
         "top_synergy_pairs": [pair_label(int(r.layer_i), int(r.layer_j)) for r in ranked.itertuples()],
         "top_synergy": [float(r.synergy) for r in ranked.itertuples()],
@@ -290,14 +286,7 @@ EXPERIMENT = Experiment(
     tables=("metrics", "pairs"),
     figures=(Figure("ratio", "loss ratio and Δ per skipped block"), Figure("synergy", "pairwise synergy")),
     params={
-        "max_prompts": {
-            "description": "Evaluate the loss on a seeded, category-stratified sample of N prompts of the prompt "
-                           "set (every category first, the rest in proportion; null: all). Every variant re-runs "
-                           "blocks on these prompts, so this sets the cost.",
-            "type": ["integer", "null"],
-            "minimum": 1,
-            "default": 7
-        },
+        "max_prompts": MAX_PROMPTS_PARAM,
         **SURGERY_PARAMS,
         "pairwise_top": {
             "description": "Knock out every pair among this many blocks with the largest single-knockout loss "

@@ -71,7 +71,7 @@ from layerscope.model.adapter import BlockInputs
 from layerscope.engines.statistics import N_BOOT, Bootstrap
 from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, PrefixMemo, move, surgery_evaluator
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
-from layerscope.experiments.surgery.common import interval, prompt_sums, sample_fragment
+from layerscope.experiments.surgery.common import MAX_PROMPTS_PARAM, interval, prompt_sums, sample_fragment
 from layerscope.progress import Progress, progress
 
 log = logging.getLogger(__name__)
@@ -646,14 +646,7 @@ EXPERIMENT = Experiment(
     tables=("metrics", "orders"),
     figures=(Figure("methods", "recovery methods compared"), Figure("orders", "recovered orders")),
     params={
-        "max_prompts": {
-            "description": "Evaluate the loss on a seeded, category-stratified sample of N prompts of the prompt "
-                           "set (every category first, the rest in proportion; null: all). Every variant re-runs "
-                           "blocks on these prompts, so this sets the cost.",
-            "type": ["integer", "null"],
-            "minimum": 1,
-            "default": 7
-        },
+        "max_prompts": MAX_PROMPTS_PARAM,
         **SURGERY_PARAMS,
         "permutation_seed": {
             "description": "Seed of the shuffling permutation (null: the run's seed).",

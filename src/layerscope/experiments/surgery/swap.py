@@ -40,7 +40,7 @@ from layerscope import LayerscopeError
 from layerscope.engines.statistics import N_BOOT, Bootstrap
 from layerscope.engines.surgery import SURGERY_PARAMS, LossEvaluator, surgery_evaluator, swap
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
-from layerscope.experiments.surgery.common import interval, prompt_sums, sample_fragment
+from layerscope.experiments.surgery.common import MAX_PROMPTS_PARAM, interval, prompt_sums, sample_fragment
 
 log = logging.getLogger(__name__)
 
@@ -335,14 +335,7 @@ EXPERIMENT = Experiment(
     tables=("metrics", "pairs"),
     figures=(Figure("cost_matrix", "swap cost matrix and zones"), Figure("sensitivity", "position sensitivity")),
     params={
-        "max_prompts": {
-            "description": "Evaluate the loss on a seeded, category-stratified sample of N prompts of the prompt "
-                           "set (every category first, the rest in proportion; null: all). Every variant re-runs "
-                           "blocks on these prompts, so this sets the cost.",
-            "type": ["integer", "null"],
-            "minimum": 1,
-            "default": 7
-        },
+        "max_prompts": MAX_PROMPTS_PARAM,
         **SURGERY_PARAMS,
         "interchangeable_ratio": {
             "description": "A swap is interchangeable when the upper end of the bootstrap interval of its loss ratio "
