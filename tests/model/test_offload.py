@@ -151,7 +151,9 @@ _MEASURE = textwrap.dedent("""
     with torch.no_grad():  # as every experiment runs (a graph would keep each block's loaded weights alive)
         inputs = adapter.capture_block_inputs(ids)
         out = adapter.readout(adapter.run_blocks(inputs.resid0, range(adapter.n_layers), inputs))
-    offloaded = sum(p.numel() * p.element_size() for p in adapter.model.parameters() if p.device.type == "meta")
+    tied = set(getattr(adapter.model, "all_tied_weights_keys", {}) or {})  # tied copies count once
+    offloaded = sum(p.numel() * p.element_size() for n, p in adapter.model.named_parameters()
+                    if p.device.type == "meta" and n not in tied)
     block = sum(p.numel() * p.element_size() for p in adapter.blocks[-1].parameters())
     # peak RSS of this process image: VmHWM (ru_maxrss would include the parent's peak, inherited through fork)
     hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
@@ -191,3 +193,41 @@ def test_disk_offload_lowers_peak_memory_by_the_offloaded_weights(big_model_dir)
     # and allocator / page-cache slack
     saved = in_memory["rss"] - offloaded["rss"]
     assert saved >= offloaded["offloaded"] - offloaded["block"] - 16 * 2**20, (in_memory, offloaded)
+
+
+def test_config_placement_reaches_the_jobs_only_when_set():
+    """A configured placement is validated, enters the params of the model's jobs (extraction, generation,
+    experiments by model folder), and a default model's params stay as they were (no reruns)."""
+    import copy
+
+    import yaml
+
+    from layerscope.jobs import config as lsconfig
+    from layerscope.jobs.config import ConfigError, validate_config
+
+    base = yaml.safe_load((REPO / "config.yaml").read_text())
+    schema = REPO / lsconfig.SCHEMA_FILE
+    default = validate_config(base, schema, base_dir=REPO)
+    model = next(iter(default["models"]))
+    pset = next(iter(default["prompt_sets"]))
+    assert "placement" not in lsconfig.activation_params(default, model, pset)
+    assert "placement" not in lsconfig.generation_params(default, model, pset)
+    assert lsconfig.experiment_placements(default, {"model": model}) == {} and not lsconfig.any_placement(default)
+
+    cfg = copy.deepcopy(base)
+    cfg["models"][model].update(device_map="auto", max_memory={"cpu": "2GiB", 0: "20GiB"}, offload_folder=False)
+    cfg["models"][model]["gpus"] = 2  # the leasing branch's key, read with a default of 1
+    try:
+        placed = validate_config(cfg, schema, base_dir=REPO)
+    except ConfigError as exc:  # `gpus` not in this branch's schema yet
+        assert "gpus" in str(exc)
+        del cfg["models"][model]["gpus"]
+        placed = validate_config(cfg, schema, base_dir=REPO)
+    want = {"device_map": "auto", "max_memory": {"cpu": "2GiB", 0: "20GiB"}, "offload_folder": False}
+    assert lsconfig.activation_params(placed, model, pset)["placement"] == want
+    assert lsconfig.experiment_placements(placed, {"model": model}) == {f"resources/models/{model}": want}
+    for bad in ({"max_memory": {"cpu": "lots"}}, {"device_map": "everywhere"}, {"device_map": {"lm_head": "gpu"}}):
+        cfg = copy.deepcopy(base)
+        cfg["models"][model].update(bad)
+        with pytest.raises(ConfigError):
+            validate_config(cfg, schema, base_dir=REPO)
