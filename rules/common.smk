@@ -99,6 +99,11 @@ def rendering_params(wildcards):
     return lsconfig.rendering_params(config, wildcards.model)
 
 
+def placement_params(wildcards):
+    """Placements (device_map, max_memory, offload_folder) of the run's models, by model folder."""
+    return lsconfig.experiment_placements(config, dict(wildcards.items()))
+
+
 def experiment_inputs(name):
     """Input function of an experiment rule: its declared inputs, by name (see the registry's INPUTS)."""
 

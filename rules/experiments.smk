@@ -5,6 +5,10 @@
 
 from layerscope.experiments import registry as _registry
 
+
+# only when some model configures its placement: default runs keep their params (no reruns)
+_placement = {"placement": placement_params} if lsconfig.any_placement(config) else {}
+
 for _exp in _registry.experiments().values():
 
     rule:
@@ -17,6 +21,7 @@ for _exp in _registry.experiments().values():
         params:
             experiment=experiment_params(_exp.key),
             render=rendering_params if _exp.render else {},
+            **_placement,
         log:
             _exp.log(),
         benchmark:

@@ -20,13 +20,15 @@ class Readout(torch.nn.Module):
         self.adapter = adapter
         self.float_copy = adapter.dtype != torch.float32
         if self.float_copy:
-            import copy
+            # plain copies (a dispatched model's hooks and offloaded weights are not copied, its weights are read back)
+            from layerscope.model.placement import standalone_copy
 
-            self.norm = copy.deepcopy(adapter.final_norm).float() if adapter.final_norm is not None else None
-            self.unembed = copy.deepcopy(adapter.unembed).float()
+            device = adapter.device
+            self.norm = standalone_copy(adapter.final_norm).float().to(device) if adapter.final_norm is not None else None
+            self.unembed = standalone_copy(adapter.unembed).float().to(device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
+        hidden = hidden.float().to(self.adapter.device)
         if not self.float_copy:
             return self.adapter.readout(hidden)
         h = self.norm(hidden) if self.norm is not None else hidden

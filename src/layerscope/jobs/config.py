@@ -304,12 +304,55 @@ def prepare_params(config: dict, model: str) -> dict:
     }
 
 
+PLACEMENT_KEYS = ("device_map", "max_memory", "offload_folder")
+
+
+def placement_params(config: dict, model: str) -> dict:
+    """Where the model's weights go (device_map, max_memory, offload_folder: see layerscope.model.placement)."""
+    spec = model_spec(config, model)
+    return {key: spec.get(key) for key in PLACEMENT_KEYS}
+
+
+def placement_configured(config: dict, model: str) -> bool:
+    """Whether the model's placement differs from the default (the params of its jobs then carry it)."""
+    return any(value is not None for value in placement_params(config, model).values())
+
+
+def model_gpus(config: dict, model: str) -> int:
+    """GPUs a job of this model uses (``gpus`` of the model spec; 1 when absent)."""
+    return int(model_spec(config, model).get("gpus") or 1)
+
+
+def experiment_placements(config: dict, wildcards: dict) -> dict:
+    """Placements of the models an experiment run loads (model, or model_a and model_b), by model folder.
+
+    Only configured ones: a run of default models gets an empty dict.
+    """
+    out = {}
+    for key in ("model", "model_a", "model_b"):
+        model = wildcards.get(key)
+        if model and placement_configured(config, model):
+            out[paths.MODEL_DIR.format(model=model)] = placement_params(config, model)
+    return out
+
+
+def any_placement(config: dict) -> bool:
+    return any(placement_configured(config, m) for m in config["models"])
+
+
+def _with_placement(config: dict, model: str, params: dict) -> dict:
+    # only a configured placement enters the params, so default runs keep their params (no reruns)
+    if placement_configured(config, model):
+        params["placement"] = placement_params(config, model)
+    return params
+
+
 def generation_params(config: dict, model: str, pset: str) -> dict:
     spec = model_spec(config, model)
     gen = config["generation"]
     ps = prompt_set_spec(config, pset)
     system_prompt = spec["system_prompt"] if "system_prompt" in spec else gen["system_prompt"]
-    return {
+    out = {
         "backend": gen["backend"],
         "max_new_tokens": ps.get("max_new_tokens", gen["max_new_tokens"]),
         "batch_size": gen["batch_size"],
@@ -319,6 +362,9 @@ def generation_params(config: dict, model: str, pset: str) -> dict:
         "limit": ps.get("limit"),
         "seed": config["seed"],
     }
+    if model_gpus(config, model) > 1:  # vLLM's tensor parallelism over the job's GPUs
+        out["tensor_parallel_size"] = model_gpus(config, model)
+    return _with_placement(config, model, out)
 
 
 def rendering_params(config: dict, model: str) -> dict:
@@ -345,7 +391,7 @@ def activation_params(config: dict, model: str, pset: str) -> dict:
     if spec["kind"] == "encoder":
         # encoders have no completions: the prompt text is encoded as-is
         out["chat_template"] = False
-    return out
+    return _with_placement(config, model, out)
 
 
 def experiment_params(config: dict, name: str) -> dict:

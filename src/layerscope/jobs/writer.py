@@ -175,12 +175,15 @@ def run_experiment(name: str, inputs: dict[str, str], outputs, *, params: dict, 
 def run_experiment_job(snakemake) -> Result:
     """The body of workflow_scripts/experiment.py: one Snakemake job of any registered experiment."""
     from layerscope.jobs.runtime import job
+    from layerscope.model.placement import use_placements
 
     exp = get(snakemake.rule)
     params = dict(snakemake.params.experiment)
     inputs = {key: str(value) for key, value in snakemake.input.items()}
     wildcards = {key: str(value) for key, value in snakemake.wildcards.items()}
     render = dict(snakemake.params.render) if exp.render else None
-    with job(snakemake, gpu=exp.gpu, seed=params.get("seed")) as ctx:
+    # models placed over devices / offloaded: load_model finds its folder's placement (layerscope.model.placement)
+    placements = dict(getattr(snakemake.params, "placement", None) or {})
+    with job(snakemake, gpu=exp.gpu, seed=params.get("seed")) as ctx, use_placements(placements):
         return run_experiment(exp.name, inputs, snakemake.output, params=params, wildcards=wildcards,
                               device=ctx.device, render=render)

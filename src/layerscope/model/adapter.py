@@ -26,6 +26,12 @@ The block runner records, with one cheap pass, the extra arguments the model han
 block (attention mask of that block's type, rotary tables, position ids) and then calls
 blocks directly, so knockout/swap/shuffle never depend on the model's own layer loop (whose
 ``layer_idx`` bookkeeping breaks when blocks are reordered; no KV cache is used).
+
+A model dispatched over several devices, CPU memory and disk (see :mod:`layerscope.model.placement`)
+is run the same way: the residual stream and the block's extra arguments are moved to each
+block's execution device before it runs, and every result (block outputs, read-out logits)
+comes back to the adapter's main device (:attr:`ModelAdapter.device`, where the embedding
+computes), so callers never see more than one device.
 """
 
 from __future__ import annotations
@@ -450,6 +456,7 @@ class BlockInputs:
     resid0: torch.Tensor
     args: list[tuple] = field(default_factory=list)  # positional args after hidden_states, per block
     kwargs: list[dict] = field(default_factory=list)  # keyword args, per block
+    moved: dict = field(default_factory=dict, repr=False)  # (block, device) -> its args and kwargs on that device
 
 
 @dataclass
@@ -584,7 +591,32 @@ class ModelAdapter:
 
     @property
     def device(self) -> torch.device:
-        return self.embed.weight.device
+        """The main device: where the embedding computes (inputs go there, results come back there)."""
+        from layerscope.model.placement import execution_device
+
+        return execution_device(self.embed, self.embed.weight.device)
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether accelerate dispatched the model (blocks on several devices, or offloaded)."""
+        return any(hasattr(m, "_hf_hook") for m in self.model.modules())
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether some weights live off their execution device (CPU or disk offload: meta parameters)."""
+        return any(p.device.type == "meta" for p in self.model.parameters())
+
+    def block_device(self, index: int) -> torch.device:
+        """Where block ``index`` computes (its accelerate hook's execution device, else its weights' device)."""
+        from layerscope.model.placement import execution_device
+
+        return execution_device(self.blocks[index], self.device)
+
+    def parameter(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` (relative to the model root), read back from its offload if it has one."""
+        from layerscope.model.placement import offloaded_value
+
+        return offloaded_value(self.model, name)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -621,10 +653,19 @@ class ModelAdapter:
     def norm_scale(self, norm: nn.Module) -> torch.Tensor | None:
         """The effective per-dimension scale γ of a norm (Gemma stores γ − 1; DINOv2's layer scale is its
         ``lambda1``); None for a norm without a scale."""
-        if getattr(norm, "weight", None) is None:
+        weight = getattr(norm, "weight", None)
+        if weight is None:
             scale = getattr(norm, "lambda1", None)
+            if scale is not None and scale.device.type == "meta":  # offloaded: read back
+                from layerscope.model.placement import offloaded_value
+
+                scale = offloaded_value(norm, "lambda1")
             return scale.detach() if scale is not None else None
-        return norm.weight.detach() + self.facts.norm_weight_offset
+        if weight.device.type == "meta":  # offloaded: read back
+            from layerscope.model.placement import offloaded_value
+
+            weight = offloaded_value(norm, "weight")
+        return weight.detach() + self.facts.norm_weight_offset
 
     def qk_pairs(self, i: int) -> list[tuple[str, str, str]]:
         """(circuit, query type, key type) of block ``i``'s attention: ``self`` (q, k) and, in T5 decoder
@@ -663,7 +704,12 @@ class ModelAdapter:
     def projections(self, i: int) -> dict[str, torch.Tensor]:
         """Projection weights of block i as [out, in] matrices (fused ones split), by type."""
         params = dict(self.model.named_parameters(remove_duplicate=False))
-        return {ref.type: projection_matrix(params[ref.param].detach(), ref) for ref in self.projection_refs(i)}
+
+        def value(name: str) -> torch.Tensor:
+            p = params[name]
+            return (self.parameter(name) if p.device.type == "meta" else p).detach()
+
+        return {ref.type: projection_matrix(value(ref.param), ref) for ref in self.projection_refs(i)}
 
     def linear_weight_names(self) -> list[str]:
         """Every weight parameter of two or more dimensions (embeddings and convolution kernels included),
@@ -706,31 +752,56 @@ class ModelAdapter:
 
             return forward
 
+        # a dispatched block's forward is an instance attribute (accelerate's hook): put it back afterwards
+        saved = [block.__dict__.get("forward") for block in self.blocks]
         for i, block in enumerate(self.blocks):
             block.forward = recorder(i)
         try:
-            extra = {} if position_ids is None else {"position_ids": position_ids}
-            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+            extra = {} if position_ids is None else {"position_ids": position_ids.to(self.device)}
+            mask = attention_mask.to(self.device) if attention_mask is not None else None
+            self.model(input_ids=input_ids.to(self.device), attention_mask=mask, use_cache=False, **extra)
         except _StopForward:
             pass
         finally:
-            for block in self.blocks:
-                del block.forward
+            for block, forward in zip(self.blocks, saved):
+                if forward is None:
+                    del block.forward
+                else:
+                    block.forward = forward
         if any(r is None for r in records):
             raise UnsupportedArchitecture(f"{self.facts.model_type}: the model's forward did not call every block")
         captured.args = [r[0] for r in records]
         captured.kwargs = [r[1] for r in records]
         return captured
 
-    def run_block(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
-        out = self.blocks[index](hidden, *inputs.args[index], **inputs.kwargs[index])
+    def _block_args(self, index: int, inputs: BlockInputs, device: torch.device) -> tuple[tuple, dict]:
+        """Block ``index``'s extra arguments on ``device`` (moved once per batch and device, then reused)."""
+        args, kwargs = inputs.args[index], inputs.kwargs[index]
+        if device == self.device:
+            return args, kwargs
+        key = (index, str(device))
+        if key not in inputs.moved:
+            from layerscope.model.placement import to_device
+
+            inputs.moved[key] = (to_device(args, device), to_device(kwargs, device))
+        return inputs.moved[key]
+
+    def _run_block_here(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        """Block ``index`` on its own device: the output stays there."""
+        device = self.block_device(index)
+        args, kwargs = self._block_args(index, inputs, device)
+        out = self.blocks[index](hidden.to(device), *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
+    def run_block(self, index: int, hidden: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
+        """Block ``index`` applied to ``hidden``; the output on the main device."""
+        return self._run_block_here(index, hidden, inputs).to(self.device)
+
     def run_blocks(self, hidden: torch.Tensor, sequence: Iterable[int], inputs: BlockInputs) -> torch.Tensor:
-        """Apply blocks in the given order (repeats, skips and permutations allowed)."""
+        """Apply blocks in the given order (repeats, skips and permutations allowed); the output on the main device."""
         for index in sequence:
-            hidden = self.run_block(index, hidden, inputs)
-        return hidden
+            hidden = self._run_block_here(index, hidden, inputs)
+        return hidden.to(self.device)
 
     def _block_call_kwargs(self, index: int, inputs: BlockInputs) -> dict[str, Any]:
         """The block's extra arguments by name (what it hands its attention module)."""
@@ -760,20 +831,31 @@ class ModelAdapter:
         """
         self._needs_forward("sub-layer functions")
         block = self.blocks[index]
+        device = self.block_device(index)
         named = self._block_call_kwargs(index, inputs)
+        if device != self.device:  # a dispatched model: compute where the block lives, answer on the main device
+            from layerscope.model.placement import to_device
+
+            named = to_device(named, device)
+
+            def here(f):
+                return lambda h: f(h.to(device)).to(self.device)
+        else:
+            def here(f):
+                return f
         if self.family.norm_position == "post":  # BERT: the norms sit inside the sub-layers
             attention = self.attention(index)
             return SubLayers(
-                attn=lambda h: _first(attention(h, **named)),
-                mlp=lambda h: block.output(block.intermediate(h), h),
+                attn=here(lambda h: _first(attention(h, **named))),
+                mlp=here(lambda h: block.output(block.intermediate(h), h)),
             )
         norms = self.block_norms(index)
         attention, mlp = self.attention(index), self.mlp(index)
         identity = lambda x: x  # noqa: E731
         attn_out, mlp_out = norms.get("attn_out", identity), norms.get("mlp_out", identity)
         return SubLayers(
-            attn=lambda h: h + attn_out(_first(attention(norms["attn"](h), **named))),
-            mlp=lambda h: h + mlp_out(mlp(norms["mlp"](h))),
+            attn=here(lambda h: h + attn_out(_first(attention(norms["attn"](h), **named)))),
+            mlp=here(lambda h: h + mlp_out(mlp(norms["mlp"](h)))),
             parallel=bool(getattr(block, "use_parallel_residual", False)),
         )
 
@@ -843,12 +925,15 @@ class ModelAdapter:
         self._needs_forward("a read-out")
         if self.unembed is None:
             raise LayerscopeError(f"{self.facts.model_type} is an encoder: it has no unembedding to read out")
-        h = self.final_norm(hidden) if self.final_norm is not None else hidden
-        logits = self.unembed(h)
+        from layerscope.model.placement import execution_device
+
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden.to(execution_device(self.final_norm, self.device)))
+        logits = self.unembed(hidden.to(execution_device(self.unembed, self.device)))
         cap = self.facts.final_logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        return logits.to(self.device)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -895,13 +980,21 @@ def load_model(
     device: str | torch.device = "cpu",
     kind: str | None = None,
     weights_only: bool = False,
+    placement=None,
 ) -> ModelAdapter:
     """Load a prepared model folder (safetensors only) and wrap it in an adapter.
 
     Models of a weights-only kind (``encoder_decoder``, ``vision``) load only with
     ``weights_only=True`` (the weight experiments); anything else is refused here, from
     config.json alone, with the model's folder name and kind in the message.
+
+    ``placement`` (a :class:`~layerscope.model.placement.Placement` or its dict; default: the
+    one the job installed for this folder, see :func:`~layerscope.model.placement.use_placements`)
+    may split the model over devices and offload it to CPU memory or disk through accelerate.
+    Without a device map (the default on a CPU) the whole model is loaded onto ``device``.
     """
+    from layerscope.model import placement as placing
+
     cfg = read_model_config(model_dir)
     family = family_for(cfg.get("model_type", "?"), cfg.get("architectures"))
     if family.kind in WEIGHTS_ONLY_KINDS and not weights_only:
@@ -910,8 +1003,14 @@ def load_model(
     family = check_supported(model_dir, kind)
     torch_dtype = resolve_dtype(dtype, device)
     cls = family.auto_class(cfg.get("model_type"))
-    model = cls.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True)
-    model.to(device)
+    spec = placing.placement_for(model_dir) if placement is None else placing.Placement.of(placement)
+    device_map = placing.plan_device_map(model_dir, cls, torch_dtype, spec, device)
+    if device_map is None:
+        model = cls.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True)
+        model.to(device)
+    else:
+        model = cls.from_pretrained(str(model_dir), dtype=torch_dtype, use_safetensors=True, device_map=device_map,
+                                    offload_folder=placing.offload_dir(spec, device_map))
     model.eval()
     return ModelAdapter(model, checkpoint_model_type=cfg.get("model_type"))
 

@@ -131,10 +131,12 @@ def _generate_transformers(model, encoded, *, max_new_tokens, batch_size, stops,
     return [results[i] for i in range(len(encoded))]
 
 
-def _generate_vllm(model_dir, encoded, *, max_new_tokens, stops, dtype, seed):
+def _generate_vllm(model_dir, encoded, *, max_new_tokens, stops, dtype, seed, tensor_parallel_size=1):
     from vllm import LLM, SamplingParams  # optional extra: pip install layerscope[gpu]
 
-    llm = LLM(model=str(model_dir), dtype=dtype if dtype != "auto" else "bfloat16", seed=seed, enforce_eager=True)
+    # the model's weights split over the job's GPUs (tensor parallelism); 1: one GPU
+    llm = LLM(model=str(model_dir), dtype=dtype if dtype != "auto" else "bfloat16", seed=seed, enforce_eager=True,
+              tensor_parallel_size=int(tensor_parallel_size))
     # keep the stop token in the output, as transformers does (vLLM drops it by default)
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=sorted(stops), seed=seed,
                             include_stop_str_in_output=True, skip_special_tokens=False)
@@ -184,8 +186,12 @@ def generate_completions(
     dtype: str = "auto",
     seed: int = 0,
     device: torch.device | None = None,
+    tensor_parallel_size: int = 1,
 ) -> pd.DataFrame:
-    """Greedy completions of every prompt, one row per prompt (see module docstring)."""
+    """Greedy completions of every prompt, one row per prompt (see module docstring).
+
+    ``tensor_parallel_size`` is vLLM's (the GPUs of the job); transformers runs the adapter's model,
+    dispatched over its devices if it was loaded so (inputs go to its main device)."""
     if adapter.facts.kind != "decoder":
         raise LayerscopeError("completions need a decoder; encoders are encoded from their prompts directly")
     device = device or adapter.device
@@ -195,11 +201,12 @@ def generate_completions(
     chosen = choose_backend(backend, device)
     log.info("generating %d completions with %s (max %d new tokens)", len(encoded), chosen, max_new_tokens)
     if chosen == "vllm":
-        outs = _generate_vllm(model_dir, encoded, max_new_tokens=max_new_tokens, stops=stops, dtype=dtype, seed=seed)
+        outs = _generate_vllm(model_dir, encoded, max_new_tokens=max_new_tokens, stops=stops, dtype=dtype, seed=seed,
+                              tensor_parallel_size=tensor_parallel_size)
     else:
         outs = _generate_transformers(
             adapter.model, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size, stops=stops,
-            pad_id=pad_id, device=device,
+            pad_id=pad_id, device=adapter.device,
         )
     rows = []
     for enc, (completion, finish) in zip(encoded, outs):
