@@ -38,6 +38,11 @@ def model_kind(wildcards):
     return lsconfig.model_spec(config, wildcards.model)["kind"]
 
 
+def model_gpus(wildcards):
+    """resources gpu=N of a GPU job: its model's `gpus` (see layerscope.jobs.devices)."""
+    return lsconfig.job_gpus(config, dict(wildcards.items()))
+
+
 def prompt_file(wildcards):
     return lsconfig.prompt_set_spec(config, wildcards.pset)["path"]
 
@@ -134,5 +139,5 @@ def experiment_outputs(exp):
 
 def experiment_resources(exp):
     if exp.gpu:
-        return {"gpu": 1, "mem_mb": GPU_MEM_MB, "runtime": exp.runtime}
+        return {"gpu": model_gpus, "mem_mb": GPU_MEM_MB, "runtime": exp.runtime}
     return {"mem_mb": CPU_MEM_MB, "runtime": exp.runtime}
