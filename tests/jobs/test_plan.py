@@ -138,3 +138,15 @@ def test_parse_bytes():
     assert parse_bytes("1.5 MiB") == 3 * 2**19 and parse_bytes(1000) == 1000 and parse_bytes(None) is None
     with pytest.raises(Exception, match="not a memory size"):
         parse_bytes("lots")
+
+
+def test_the_devices_config_block_is_validated_and_used(tmp_path, stories_dir):
+    config = _config(tmp_path, stories_dir)
+    raw = json.loads((tmp_path / "config.yaml").read_text())
+    raw["devices"] = {"gpu_memory": "1KiB", "count": 1}
+    config = lsconfig.validate_config(raw, REPO / lsconfig.SCHEMA_FILE, base_dir=tmp_path)
+    plan = plan_run(config, base_dir=tmp_path)
+    assert plan["devices"]["gpu_memory_bytes"] == 1024 and plan["warnings"]
+    raw["devices"] = {"gpu_memory": "lots"}
+    with pytest.raises(lsconfig.ConfigError, match="gpu_memory"):
+        lsconfig.validate_config(raw, REPO / lsconfig.SCHEMA_FILE, base_dir=tmp_path)
