@@ -38,6 +38,11 @@ def model_kind(wildcards):
     return lsconfig.model_spec(config, wildcards.model)["kind"]
 
 
+def model_gpus(wildcards):
+    """resources gpu=N of a GPU job: its model's `gpus` (see layerscope.jobs.devices)."""
+    return lsconfig.job_gpus(config, dict(wildcards.items()))
+
+
 def prompt_file(wildcards):
     return lsconfig.prompt_set_spec(config, wildcards.pset)["path"]
 
@@ -139,5 +144,18 @@ def experiment_outputs(exp):
 
 def experiment_resources(exp):
     if exp.gpu:
-        return {"gpu": 1, "mem_mb": GPU_MEM_MB, "runtime": exp.runtime}
+        return {"gpu": model_gpus, "mem_mb": GPU_MEM_MB, "runtime": exp.runtime}
     return {"mem_mb": CPU_MEM_MB, "runtime": exp.runtime}
+
+
+# `snakemake plan`: tokens, cache sizes, GPU memory and forward passes of this config, printed before
+# anything heavy runs (layerscope.plan; not part of `all`). Reads config.json, tokenizers and safetensors
+# headers of the prepared models only.
+rule plan:
+    localrule: True
+    log:
+        paths.log("plan"),
+    run:
+        from layerscope.plan import run_rule
+
+        run_rule(config, log[0])

@@ -15,7 +15,7 @@ rule generate_completions:
         paths.benchmark("generate_completions", "{model}", "{pset}")
     threads: 4
     resources:
-        gpu=1,
+        gpu=model_gpus,
         mem_mb=GPU_MEM_MB,
         runtime=120,
     conda:

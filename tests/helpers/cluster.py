@@ -120,7 +120,8 @@ _STAMP = r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})"
 _PID = re.compile(_STAMP + r" INFO layerscope: layerscope \S+, rule (\S+), .* pid (\d+) on (\S+)")
 _LEASED = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: leased GPU (\S+) \(simulated\) after ([\d.]+)s")
 _RELEASED = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: released GPU (\S+) \(simulated\)")
-_WAITING = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: all \d+ GPU\(s\) are leased by other jobs; waiting")
+_WAITING = re.compile(_STAMP + r" INFO layerscope\.jobs\.devices: (?:all \d+ GPU\(s\) are leased by other jobs"
+                      r"|fewer than \d+ of the \d+ GPU\(s\) are free); waiting")
 
 
 def stamp(text: str) -> float:

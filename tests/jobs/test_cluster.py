@@ -4,6 +4,8 @@ Every test runs the real Snakemake CLI (under `timeout -s KILL`) on a small conf
 tiny Llama, two prompt sets, the logit lens — and compares what it produced with an uninterrupted local
 run of the same config (`reference`).
 
+- Multi-GPU leasing (`gpus: 2` for one model, three simulated devices, `--resources gpu=3`): its jobs lease two
+  devices at once beside the other model's one-device jobs; no device has two holders; every job finishes.
 - Leasing (`--resources gpu=2`, `LAYERSCOPE_SIMULATED_GPUS=2`): two GPU jobs of another run on the same
   machine hold both devices, so the first two Snakemake GPU jobs wait; one waiting job is killed (-9);
   one holder crashes (-9) and the waiting job takes its device at once; then the other holder goes and
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers.cluster import (
     Background, all_attempts, assert_same_results, find_attempt, make_workdir, run_snakemake, temporaries,
@@ -164,6 +167,38 @@ def test_concurrent_gpu_jobs_share_two_devices_safely(tmp_path, models, referenc
     assert assert_same_results(reference, workdir,
                                names=("completions.parquet", "resid.safetensors", "tokens.parquet")) == 12
     assert temporaries(workdir) == []
+
+
+def test_a_two_gpu_model_leases_two_devices_beside_a_one_gpu_model(tmp_path, models):
+    """`gpus: 2` for stories, 1 for the tiny Llama, three simulated devices, `--resources gpu=3`: every GPU job
+    of stories leases two devices at once, jobs run side by side, no device has two holders, all finish."""
+    workdir = make_workdir(tmp_path / "run", models)
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    config["models"]["stories"]["gpus"] = 2
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {"LAYERSCOPE_SIMULATED_GPUS": "3", "LAYERSCOPE_LEASE_DIR": str(tmp_path / "leases")}
+    planned = run_snakemake(workdir, "-n", "--cores", "3", "--resources", "gpu=3", "--until", "extract_activations")
+    requests = dict(re.findall(r"wildcards: model=(\w+), pset=\w+\n(?:\s+\w+: [^\n]*\n)*?"
+                               r"\s+resources: [^\n]*?\bgpu=(\d+)", planned.stdout))
+    assert requests == {"stories": "2", "tinyllama": "1"}, planned.stdout[-3000:]
+    run_snakemake(workdir, "--cores", "3", "--max-threads", "1", "--resources", "gpu=3",
+                  "--until", "extract_activations", env=env)
+    attempts = [a for a in all_attempts(workdir / "results" / "logs") if a.job.split("/")[0] in GPU_RULES]
+    assert len(attempts) == 8 and all(a.done for a in attempts)
+    for a in attempts:
+        assert len(a.leases) == (2 if "stories" in a.job else 1), a
+        assert len({le.device for le in a.leases}) == len(a.leases)
+    leases = [le for a in attempts for le in a.leases]
+    assert all(le.end is not None for le in leases)
+    for device in ("sim0", "sim1", "sim2"):
+        spans = sorted((le.start, le.end, le.job) for le in leases if le.device == device)
+        for (s1, e1, j1), (s2, e2, j2) in zip(spans, spans[1:]):
+            assert s2 >= e1 - 0.002, f"{device} held by {j1} and {j2} at once"
+    # a two-GPU job and a one-GPU job held their devices at the same time at least once
+    jobs = {a.job: (min(le.start for le in a.leases), max(le.end for le in a.leases)) for a in attempts}
+    assert any(s1 < e2 and s2 < e1 for j1, (s1, e1) in jobs.items() if "stories" in j1
+               for j2, (s2, e2) in jobs.items() if "tinyllama" in j2), jobs
+    assert len(list((workdir / "results").glob("*/*/activations/resid.safetensors"))) == 4
 
 
 # ---------------------------------------------------------------------------- a whole run killed half-way

@@ -100,3 +100,35 @@ def test_sbatch_asks_for_a_gpu_with_gpus_only(planned_jobs):
             assert "--gpus" not in call and "--gres" not in call, call
         assert f"--cpus-per-task={job.threads}" in call and f"--mem {job.resources['mem_mb']}" in call, call
         assert f"-t {job.resources['runtime']}" in call, call
+
+
+def test_a_multi_gpu_model_asks_slurm_for_its_gpus(tmp_path):
+    """`gpus: 2` for SmolLM2: its GPU jobs go to the GPU partition with `--gpus=2`, the other model's with 1."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["models"]["smollm2-135m"]["gpus"] = 2
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = subprocess.run(["timeout", "-s", "KILL", "300", sys.executable, "-m", "snakemake", "--profile",
+                             str(PROFILE), "-n", "--forceall", "--configfile", str(configfile)],
+                            cwd=REPO, capture_output=True, text=True)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    partitions = read_partition_file(PROFILE / "partitions.yaml")
+    logger = logging.getLogger("test")
+    seen = {}
+    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", output):
+        rule = re.search(r"^(?:local)?rule (\w+):", block, re.M)
+        resources = re.search(r"^\s+resources: (.*)$", block, re.M)
+        model = re.search(r"^\s+wildcards: model=([\w.-]+)", block, re.M)
+        if not (rule and resources and model):
+            continue
+        pairs = dict(item.split("=", 1) for item in resources[1].split(", "))
+        if "gpu" not in pairs:
+            continue
+        job = SimpleNamespace(name=rule[1], threads=1, resources=Resources({k: _value(v) for k, v in pairs.items()}))
+        assert get_best_partition(partitions, job, logger) == "gpu", job
+        expected = 2 if model[1] == "smollm2-135m" else 1
+        assert f"--gpus={expected}" in set_gres_string(job), (job, set_gres_string(job))
+        seen[(rule[1], model[1])] = job.resources["gpu"]
+    assert seen[("extract_activations", "smollm2-135m")] == 2 and seen[("generate_completions", "smollm2-135m")] == 2
+    assert seen[("knockout", "smollm2-135m")] == 2 and seen[("extract_activations", "minilm-l6")] == 1

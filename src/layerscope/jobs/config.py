@@ -294,6 +294,17 @@ def prompt_set_spec(config: dict, pset: str) -> dict:
         raise ConfigError(f"unknown prompt set {pset!r}; configured: {sorted(config['prompt_sets'])}") from None
 
 
+def model_gpus(config: dict, model: str) -> int:
+    """GPUs one job of ``model`` leases at once (``models.<slug>.gpus``, default 1)."""
+    return int(model_spec(config, model).get("gpus", 1))
+
+
+def job_gpus(config: dict, wildcards: dict[str, str]) -> int:
+    """A GPU rule's ``resources: gpu`` for one job: its model's gpus (a pair's: the larger)."""
+    models = [wildcards[key] for key in ("model", "model_a", "model_b") if key in wildcards]
+    return max((model_gpus(config, m) for m in models), default=1)
+
+
 def prepare_params(config: dict, model: str) -> dict:
     spec = model_spec(config, model)
     return {

@@ -7,7 +7,8 @@ Each workflow script wraps its work in :func:`job`::
 
 which sets torch's thread count from the rule's ``threads:``, seeds every generator,
 enables deterministic algorithms, sends logging, warnings and library output to the rule's
-log file, leases a GPU when the rule runs a model forward, and turns a
+log file, leases the rule's GPU(s) when it runs a model forward (as many as its ``resources:
+gpu=N`` — a model's ``gpus`` — all at once), and turns a
 :class:`~layerscope.LayerscopeError` into a one-line message instead of a traceback.
 The log records the process id, host, SLURM job and GPU variables, and every GPU lease and
 release with a timestamp; SIGTERM stops the job cleanly (temporary files removed).
@@ -30,7 +31,7 @@ from typing import Any, Iterator
 from threadpoolctl import threadpool_limits
 
 from layerscope import LayerscopeError, __version__
-from layerscope.jobs.devices import Lease, lease_device, slurm_gpu_summary
+from layerscope.jobs.devices import Lease, lease_devices, slurm_gpu_summary
 
 log = logging.getLogger("layerscope")
 
@@ -124,10 +125,22 @@ def _stop_cleanly_on_sigterm() -> Iterator[None]:
 
 @dataclass
 class JobContext:
-    device: Any  # torch.device
-    lease: Lease
+    device: Any  # torch.device: the first leased device
+    lease: Lease  # lease.devices: every leased device (a model with gpus: N)
     threads: int
     seed: int
+
+
+def requested_gpus(snakemake) -> int:
+    """The GPUs a rule asks for (``resources: gpu=N``; 1 when it declares none, e.g. in tests)."""
+    resources = getattr(snakemake, "resources", None)
+    value = None
+    if resources is not None:
+        value = resources.get("gpu") if hasattr(resources, "get") else getattr(resources, "gpu", None)
+    try:
+        return max(1, int(value)) if value is not None else 1
+    except (TypeError, ValueError):
+        return 1
 
 
 @contextlib.contextmanager
@@ -156,7 +169,10 @@ def job(snakemake=None, *, gpu: bool = False, seed: int | None = None) -> Iterat
         else:
             random.seed(seed)
         started = time.monotonic()
-        lease = lease_device(want_gpu=gpu) if uses_torch else Lease(device="cpu", name="cpu")
+        if uses_torch:
+            lease = lease_devices(requested_gpus(snakemake), want_gpu=gpu)
+        else:
+            lease = Lease(device="cpu", name="cpu")
         try:
             yield JobContext(device=lease.device, lease=lease, threads=threads, seed=seed)
         except LayerscopeError as exc:
