@@ -24,6 +24,7 @@ include: "rules/completions.smk"
 include: "rules/activations.smk"
 include: "rules/experiments.smk"
 include: "rules/report.smk"
+include: "rules/plan.smk"
 
 
 rule all:

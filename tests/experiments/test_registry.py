@@ -80,7 +80,7 @@ def test_snakemake_has_exactly_one_rule_per_experiment(exps):
     out = snakemake(REPO, "--list-rules", configfile="config.yaml")
     rules = set(out.stdout.split())
     spine = {"all", "prepare_model", "generate_completions", "extract_activations", "model_report",
-             "cross_model_report", "report_index"}
+             "cross_model_report", "report_index", "plan"}
     assert rules == spine | set(exps)
 
 
