@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from layerscope.experiments.z_subspace.ffn_avoidance import energy_null, ffn_avoidance, mlp_outputs
+from layerscope.experiments.z_subspace.ffn_avoidance import energy_null, ffn_avoidance, mlp_outputs, projector_diagonals
 from tests.experiments.z_subspace.test_z_subspace import paired  # noqa: F401  (the module fixture)
 
 
@@ -65,13 +65,18 @@ def test_energy_in_z_against_a_plain_numpy_projection(paired, stories):
         ffn_avoidance(adapter, states, mask, model="s", prompt_set="p", k=[8])
 
 
-def test_energy_null_is_centred_on_chance_and_isotropic_energy_is_not_avoided():
+def test_energy_null_is_the_share_of_random_subspaces():
+    from layerscope.engines.statistics import random_subspaces
+
     rng = np.random.default_rng(0)
-    d, k = 32, 4
+    d, k, n = 32, 4, 2000
     m = rng.standard_normal((200, d)) * np.linspace(0.2, 3.0, d)  # anisotropic outputs
-    null = energy_null(m.T @ m, d, k, 400, seed=0, layer=0)
-    assert null.mean() == pytest.approx(k / d, abs=4 * null.std() / np.sqrt(400))
-    # an explicit check of one draw's meaning: the share of a random subspace from its basis
-    q = np.linalg.qr(rng.standard_normal((d, k)))[0]
-    assert float(np.sum((m @ q) ** 2) / np.sum(m**2)) == pytest.approx(
-        float(np.trace(q.T @ (m.T @ m) @ q) / np.trace(m.T @ m)))
+    m = m @ np.linalg.qr(rng.standard_normal((d, d)))[0]  # not aligned with the axes
+    gram = m.T @ m
+    null = energy_null(gram, projector_diagonals(d, k, n, seed=0))
+    assert null.mean() == pytest.approx(k / d, abs=4 * null.std() / np.sqrt(n))
+    # the shortcut (eigenvalues × projector diagonals) has the distribution of the direct share tr(QᵀCQ)/tr(C)
+    direct = np.array([np.trace(q.T @ gram @ q) for q in random_subspaces(d, k, n, seed=5)]) / np.trace(gram)
+    assert null.std() == pytest.approx(direct.std(), rel=0.1)
+    np.testing.assert_allclose(np.quantile(null, [0.1, 0.5, 0.9]), np.quantile(direct, [0.1, 0.5, 0.9]),
+                               rtol=0.03)
