@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from tests.helpers.cache import stories_cache, synthetic_cache
 from layerscope import LayerscopeError
 from layerscope.engines.statistics import Bootstrap
-from layerscope.experiments.geometry.delta_svd import EXPERIMENT, delta_svd, direction_statistics, phase_assignment
+from layerscope.experiments.geometry.delta_svd import (EXPERIMENT, SEED_PHASES, delta_svd, direction_statistics,
+                                                     phase_assignment, seed_phase_boundaries)
 from layerscope.model.generate import ROLES
 from layerscope.jobs.writer import run_experiment
 
@@ -114,6 +115,39 @@ def test_phase_assignment():
             phase_assignment(5, boundaries=bad)
     with pytest.raises(LayerscopeError, match="phase_fractions"):
         phase_assignment(5, fractions=(1.5,))
+
+
+def _named_phase_by_depth(n_blocks):
+    """Plain loop: block b gets the last named phase whose 64-block start is at most b·64/L (fractions)."""
+    return [[name for name, start in SEED_PHASES if start <= b * 64 / n_blocks][-1] for b in range(n_blocks)]
+
+
+@pytest.mark.parametrize("n_blocks, boundaries, names", [
+    (64, [7, 10, 32, 47, 59], ["A", "B", "C", "D", "E", "tail"]),  # the reference itself
+    (28, [4, 5, 14, 21, 26], ["A", "B", "C", "D", "E", "tail"]),  # the documented mapping
+    (30, [4, 5, 15, 23, 28], ["A", "B", "C", "D", "E", "tail"]),  # SmolLM2-135M
+    (5, [1, 3, 4], ["A", "C", "D", "E"]),  # B and tail hold no block: dropped with their names
+])
+def test_seed_phase_scheme_maps_depth_to_the_documented_boundaries(n_blocks, boundaries, names):
+    got, got_names = seed_phase_boundaries(n_blocks)
+    assert (got, got_names) == (boundaries, names)
+    _, phase = phase_assignment(n_blocks, got)
+    assert [got_names[p] for p in phase] == _named_phase_by_depth(n_blocks)
+
+
+def test_seed_phases_in_the_summary(cache):
+    result = delta_svd(cache, model="m", prompt_set="s", top_k=2, shared_rank=2, phase_scheme="seed", n_null=5, n_boot=10)
+    s = result.summary
+    n = cache.n_layers
+    assert s["phase_scheme"] == "seed" and s["phase_boundaries"] == seed_phase_boundaries(n)[0]
+    assert [row["name"] for row in s["phases"]] == s["phase_names"] == seed_phase_boundaries(n)[1]
+    named = _named_phase_by_depth(n)
+    for row in s["phases"]:
+        assert named[row["first_block"]] == named[row["last_block"]] == row["name"]
+    with pytest.raises(LayerscopeError, match="phase_boundaries null"):
+        delta_svd(cache, model="m", prompt_set="s", phase_scheme="seed", phase_boundaries=[2])
+    with pytest.raises(LayerscopeError, match="phases must be one of"):
+        delta_svd(cache, model="m", prompt_set="s", phase_scheme="named")
 
 
 def test_capture_is_left_out_for_a_block_alone_in_its_phase(cache):

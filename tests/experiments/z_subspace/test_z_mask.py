@@ -140,3 +140,58 @@ def test_no_fold_norm_parameter_remains():
     from layerscope.experiments.z_subspace.z_mask import EXPERIMENT
 
     assert "fold_norm" not in EXPERIMENT.params  # the mask is always built in the coordinates it is applied in
+
+
+# ---------------------------------------------------------------------------- Z at every block; adjacent overlap
+
+
+def test_principal_cosines_agree_with_scipy_and_the_overlap_with_its_extremes():
+    import numpy as np
+    from scipy.linalg import subspace_angles
+
+    from layerscope.experiments.z_subspace.z_mask import principal_cosines, random_basis, subspace_overlap
+
+    d = 40
+    a, b = random_basis(d, 6, seed=1, layer=0), random_basis(d, 6, seed=2, layer=0)
+    expected = np.sort(np.cos(subspace_angles(a.numpy().T, b.numpy().T)))[::-1]
+    np.testing.assert_allclose(principal_cosines(a, b), expected, rtol=1e-10, atol=1e-12)
+    assert subspace_overlap(a, b) == pytest.approx(float(np.mean(expected**2)), rel=1e-10)
+    rotated = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0] @ a  # another basis of the same subspace
+    assert subspace_overlap(a, rotated) == pytest.approx(1.0, abs=1e-12)
+    eye = torch.eye(d, dtype=torch.float64)
+    assert subspace_overlap(eye[:6], eye[6:12]) == 0.0 and subspace_overlap(eye[:6], eye[:6]) == 1.0
+
+
+def test_overlap_null_is_centred_on_k_over_d():
+    import numpy as np
+
+    from layerscope.experiments.z_subspace.z_mask import overlap_null
+
+    null = overlap_null(64, 8, 400, seed=0)
+    assert null.shape == (400,) and ((null >= 0) & (null <= 1)).all()
+    assert null.mean() == pytest.approx(8 / 64, abs=4 * null.std() / np.sqrt(400))
+
+
+def test_every_block_has_z_and_adjacent_overlaps_match_a_plain_computation(stories, tmp_path):
+    import numpy as np
+
+    adapter, _ = stories
+    facts = adapter.facts
+    result = z_mask(adapter, model="s", layers=[2], k=[4], k_sweep=[2, 4, 16], n_random_subspaces=200, seed=1)
+    mask, s = result.mask, result.summary
+    assert s["every_layer_k"] == [2, 4, 16] and mask.combos() == [(2, 4)]
+    for layer in range(facts.n_layers):
+        circuits = head_circuits(adapter, layer, fold_norm=True)
+        for k in (2, 16):
+            torch.testing.assert_close(mask.basis(layer, k), z_basis(circuits, k, facts.d_model).basis)
+    for row in s["adjacent_overlap"]:
+        k = row["k"]
+        plain = [float(np.linalg.norm(mask.basis(l, k).numpy() @ mask.basis(l + 1, k).numpy().T) ** 2 / k)
+                 for l in range(facts.n_layers - 1)]
+        np.testing.assert_allclose(row["overlap"], plain, rtol=1e-10)
+        assert row["max_overlap"] == pytest.approx(max(plain), rel=1e-10) and row["max_pair"][0] == int(np.argmax(plain))
+        assert row["null_mean"] == pytest.approx(k / facts.d_model, rel=0.2)
+    mask.save(tmp_path / "m.safetensors")
+    loaded = ZMask.load(tmp_path / "m.safetensors")
+    assert loaded.every_layer_ks == [2, 4, 16] and loaded.has_every_layer(16) and not loaded.has_every_layer(8)
+    torch.testing.assert_close(loaded.basis(0, 16).double(), mask.basis(0, 16), atol=1e-7, rtol=0)

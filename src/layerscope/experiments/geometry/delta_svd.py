@@ -16,7 +16,8 @@ outlier activations). Per block:
 Across blocks: |cos| between the top right-singular directions v_i (``top1_abs_cos``) and the
 overlap of the top-``top_k`` subspaces (‖V_iᵀV_j‖_F²/k, ``subspace_overlap``). Blocks are
 grouped into phases (explicit ``phase_boundaries`` = first block of each later phase, or
-``phase_fractions`` of depth); per phase the mean |cos| of top-1 directions within the
+``phase_fractions`` of depth, or ``phases: seed``: the named scheme A, B, C, D, E, tail of a
+64-block reference model, scaled to depth — see :func:`seed_phase_boundaries`); per phase the mean |cos| of top-1 directions within the
 phase and from the phase to the other blocks, and the *capture* of each block's top-1
 direction by the subspace the *other* blocks of its phase share: the top-``shared_rank``
 right singular vectors of their stacked top-``top_k`` directions (leave-one-out: the
@@ -77,6 +78,34 @@ RITZ_DIM = 64
 NULL_CHUNK = 100  # null draws / resamples processed at a time
 # per-prompt sums kept for every block (exact bootstrap of the token means)
 PROMPT_SUMS = ("energy", "rel_step", "cos", "parallel")
+
+
+# The named phases of the delta-SVD study, as the first block of each on its 64-block reference model.
+SEED_REFERENCE_BLOCKS = 64
+SEED_PHASES = (("A", 0), ("B", 7), ("C", 10), ("D", 32), ("E", 47), ("tail", 59))
+PHASE_SCHEMES = ("fractions", "seed")
+
+
+def seed_phase_boundaries(n_blocks: int) -> tuple[list[int], list[str]]:
+    """(boundaries, names) of the named phase scheme on an ``n_blocks``-block model.
+
+    Block b of an L-block model sits at reference depth b·64/L; it belongs to the last named
+    phase whose first reference block s satisfies s ≤ b·64/L, so a phase starts at block
+    ceil(s·L/64) (exact integer arithmetic). On 64 blocks this is the reference itself
+    (A 0–6, B 7–9, C 10–31, D 32–46, E 47–58, tail 59–63); on 28 blocks A 0–3, B 4, C 5–13,
+    D 14–20, E 21–25, tail 26–27; on 30 blocks A 0–3, B 4, C 5–14, D 15–22, E 23–27, tail 28–29.
+    A phase that would hold no block on a shallow model is dropped (its name with it).
+    """
+    if n_blocks < 1:
+        raise LayerscopeError("the seed phase scheme needs at least one block")
+    starts = [(name, -(-start * n_blocks // SEED_REFERENCE_BLOCKS)) for name, start in SEED_PHASES]
+    kept: list[tuple[str, int]] = []
+    for i, (name, first) in enumerate(starts):
+        nxt = starts[i + 1][1] if i + 1 < len(starts) else n_blocks
+        if first < min(nxt, n_blocks):  # the phase holds at least one block
+            kept.append((name, first))
+    boundaries = [first for _, first in kept[1:]]
+    return boundaries, [name for name, _ in kept]
 
 
 def phase_assignment(n_blocks: int, boundaries: Sequence[int] | None = None,
@@ -287,6 +316,7 @@ def delta_svd(
     shared_rank: int = 8,
     phase_boundaries: Sequence[int] | None = None,
     phase_fractions: Sequence[float] = (0.25, 0.5, 0.75),
+    phase_scheme: str = "fractions",
     n_null: int = 1000,
     ritz_dim: int = RITZ_DIM,
     seed: int = 0,
@@ -302,7 +332,16 @@ def delta_svd(
     if n_null < 1:
         raise LayerscopeError(f"delta_svd.n_null must be at least 1, got {n_null}")
     ritz_dim = int(min(d, max(top_k, ritz_dim)))
-    boundaries, phase = phase_assignment(n_blocks, phase_boundaries, phase_fractions)
+    if phase_scheme not in PHASE_SCHEMES:
+        raise LayerscopeError(f"delta_svd.phases must be one of {PHASE_SCHEMES}, got {phase_scheme!r}")
+    if phase_scheme == "seed":
+        if phase_boundaries is not None:
+            raise LayerscopeError("delta_svd: phases 'seed' sets the boundaries itself; leave phase_boundaries null")
+        seed_boundaries, phase_names = seed_phase_boundaries(n_blocks)
+        boundaries, phase = phase_assignment(n_blocks, seed_boundaries)
+    else:
+        boundaries, phase = phase_assignment(n_blocks, phase_boundaries, phase_fractions)
+        phase_names = [str(p) for p in range(len(boundaries) + 1)]
     rows = select_rows(cache.tokens, roles, drop_first_token)
     if len(rows) < 2:
         raise LayerscopeError(f"{cache.directory}: fewer than 2 tokens with roles {list(roles)}; nothing to decompose")
@@ -412,7 +451,7 @@ def delta_svd(
         intra = float(abs_cos[np.ix_(members, members)][iu].mean()) if len(members) > 1 else float("nan")
         cross = float(abs_cos[np.ix_(members, others)].mean()) if others else float("nan")
         intra_overlap = float(overlap[np.ix_(members, members)][iu].mean()) if len(members) > 1 else float("nan")
-        row = {"phase": p, "first_block": members[0], "last_block": members[-1], "n_blocks": len(members),
+        row = {"phase": p, "name": phase_names[p], "first_block": members[0], "last_block": members[-1], "n_blocks": len(members),
                "intra_top1_abs_cos": intra, "cross_top1_abs_cos": cross, "intra_subspace_overlap": intra_overlap,
                "capture_mean": float(phase_capture[p]), "capture_null_mean": float("nan"),
                "capture_null_q95": float("nan"), "capture_p_value": float("nan")}
@@ -495,7 +534,9 @@ def delta_svd(
         "adjacent_top1_abs_cos_mean": finite(observed["adjacent_top1_abs_cos_mean"]),
         "adjacent_top1_abs_cos_mean_ci": summary_ci["adjacent_top1_abs_cos_mean_ci"] if n_blocks > 1 else None,
         "random_abs_cos": float(np.sqrt(2 / (np.pi * d))),
+        "phase_scheme": phase_scheme,
         "phase_boundaries": boundaries,
+        "phase_names": phase_names,
         "intra_phase_abs_cos": finite(observed["intra_phase_abs_cos"]),
         "intra_phase_abs_cos_ci": summary_ci["intra_phase_abs_cos_ci"]
         if np.isfinite(observed["intra_phase_abs_cos"]) else None,
@@ -578,8 +619,15 @@ def plot_curves(result: DeltaSVDResult, path: str | Path) -> None:
         for a in axes.flat:
             _block_axis(a, n)
             mark_boundaries(a, s["phase_boundaries"])
+        if s.get("phase_scheme") == "seed":  # name the phases along the top of the first panel
+            starts = [0, *s["phase_boundaries"]]
+            ends = [*s["phase_boundaries"], n]
+            for name, a0, a1 in zip(s["phase_names"], starts, ends):
+                axes[0, 0].text((a0 + a1 - 1) / 2, 1.0, name, transform=axes[0, 0].get_xaxis_transform(),
+                                ha="center", va="bottom", fontsize=7)
+        scheme = "named phases " + ", ".join(s["phase_names"]) if s.get("phase_scheme") == "seed" else "phases"
         fig.suptitle(f"block updates δ — {s['model']} on {s['prompt_set']} ({s['n_tokens']} tokens; "
-                     f"dashed lines: phase boundaries)")
+                     f"dashed lines: {scheme} boundaries)")
         save(fig, path)
 
 
@@ -612,7 +660,7 @@ def run(job: Job) -> Result:
         cache, model=job.model, prompt_set=job.prompt_set, roles=params["roles"],
         drop_first_token=params["drop_first_token"], top_k=params["top_k"], shared_rank=params["shared_rank"],
         phase_boundaries=params["phase_boundaries"], phase_fractions=params["phase_fractions"],
-        n_null=params["n_null"], ritz_dim=params["ritz_dim"], seed=params["seed"],
+        phase_scheme=params["phases"], n_null=params["n_null"], ritz_dim=params["ritz_dim"], seed=params["seed"],
     )
     return Result(
         summary=result.summary,
@@ -667,6 +715,13 @@ EXPERIMENT = Experiment(
                                 'items': {'type': 'number', 'exclusiveMinimum': 0, 'exclusiveMaximum': 1},
                                 'minItems': 1,
                                 'default': [0.25, 0.5, 0.75]},
+            'phases': {'description': "How blocks are grouped into phases: 'fractions' (phase_boundaries, or "
+                                      "phase_fractions of depth) or 'seed' (the delta-SVD study's named phases A, B, "
+                                      "C, D, E and tail, defined on a 64-block model as A 0-6, B 7-9, C 10-31, D "
+                                      "32-46, E 47-58, tail 59-63, scaled to depth: a phase starts at block "
+                                      "ceil(s*L/64) for its reference start s; phase_boundaries must then be null).",
+                       'enum': list(PHASE_SCHEMES),
+                       'default': 'fractions'},
             'n_null': {'description': 'Draws of independent random directions (one orthonormal top_k-frame per '
                                       'block) for the null distribution of the leave-one-out capture.',
                        'type': 'integer',

@@ -27,6 +27,15 @@ is left out with the biases. (Earlier versions built Z from the raw W_Q, W_K —
 the *normed* residual — and applied it to the pre-norm residual unless ``fold_norm`` was set:
 with a non-uniform γ that is a different subspace. A mask file written that way is refused.)
 
+Every block: besides the configured (layer, k) combos, V_Z is built at *every* block for every
+size in ``k`` and ``k_sweep`` (weights only; cheap). These bases serve the readers that need Z
+at many layers (``ffn_avoidance``, the separation k sweep) and the adjacent-layer overlap:
+for consecutive blocks ℓ, ℓ+1 the cosines cos θ_i of the principal angles between Z_ℓ and
+Z_ℓ+1 (the singular values of V_ℓ V_ℓ+1ᵀ) give the overlap mean_i cos² θ_i = ‖V_ℓ V_ℓ+1ᵀ‖_F²/k
+(1 for the same subspace, 0 for orthogonal ones, k/d expected for a random pair). Its null:
+the overlap of Z_ℓ with ``n_random_subspaces`` Haar-random k-subspaces (its distribution does
+not depend on Z_ℓ), drawn by :func:`layerscope.experiments.z_subspace.subspace_null.random_projections`.
+
 Computation: for W_Q^hᵀ = Q_q R_q and W_K^gᵀ = Q_k R_k (thin QR), M_h = Q_q (R_q R_kᵀ) Q_kᵀ,
 so the SVD of the small head_dim × head_dim core gives M_h's singular values and its right
 singular vectors Q_k v exactly, without forming or decomposing a d × d matrix.
@@ -218,6 +227,59 @@ def complement_projector(basis: torch.Tensor) -> torch.Tensor:
     return torch.eye(d, dtype=basis.dtype, device=basis.device) - projector(basis)
 
 
+def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Cosines of the principal angles between the row spaces of two orthonormal bases [k_a, d], [k_b, d]
+    (descending; min(k_a, k_b) of them): the singular values of A Bᵀ."""
+    return torch.linalg.svdvals(a.to(torch.float64) @ b.to(torch.float64).T).clamp(0.0, 1.0).cpu().numpy()
+
+
+def subspace_overlap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean squared cosine of the principal angles of two k-subspaces, ‖A Bᵀ‖_F²/k (1 same, 0 orthogonal)."""
+    return float((a.to(torch.float64) @ b.to(torch.float64).T).pow(2).sum() / min(a.shape[0], b.shape[0]))
+
+
+def overlap_null(d: int, k: int, n: int, *, seed: int) -> np.ndarray:
+    """``n`` overlaps of a fixed k-subspace with Haar-random k-subspaces of R^d (the same for any fixed one)."""
+    from layerscope.experiments.z_subspace.subspace_null import random_projections
+
+    fixed = np.eye(d)[:k]  # any orthonormal rows: the overlap's distribution is rotation invariant
+    parts = [(proj**2).sum(axis=(1, 2)) / k for proj in random_projections(fixed, d, k, n, seed=seed, key=(k, 0xAD))]
+    return np.concatenate(parts)
+
+
+def adjacent_overlaps(bases: dict[tuple[int, int], torch.Tensor], n_layers: int, ks: Sequence[int], d: int, *,
+                      n_null: int, seed: int) -> list[dict]:
+    """Per k: the overlap of Z_ℓ and Z_ℓ+1 for every adjacent pair, placed in the random-subspace null."""
+    from layerscope.engines import statistics as st
+
+    out = []
+    for k in ks:
+        values = [subspace_overlap(bases[(l, k)], bases[(l + 1, k)]) for l in range(n_layers - 1)]
+        null = overlap_null(d, k, n_null, seed=seed)
+        p = [st.empirical_p(v, null, greater=True) for v in values]
+        holm = st.holm(p) if p else []
+        order = np.argsort(values)[::-1] if values else []
+        top = int(order[0]) if len(values) else None
+        second = float(values[int(order[1])]) if len(values) > 1 else float("nan")
+        lo, hi = np.quantile(null, [0.025, 0.975])
+        out.append({
+            "k": k,
+            "overlap": values,
+            "overlap_over_chance": [v / (k / d) for v in values],
+            "chance": k / d,
+            "null_mean": float(null.mean()),
+            "null_range": [float(lo), float(hi)],
+            "p_value": p,
+            "p_holm": holm,
+            "n_above_null": int(sum(q < 0.05 for q in holm)),
+            "max_pair": [top, top + 1] if top is not None else None,
+            "max_overlap": float(values[top]) if top is not None else float("nan"),
+            "max_over_second": float(values[top] / second) if top is not None and second > 0 else float("nan"),
+            "mean_overlap": float(np.mean(values)) if values else float("nan"),
+        })
+    return out
+
+
 def energy_per_dimension(basis: torch.Tensor) -> torch.Tensor:
     """e_j = Σ_i V[i, j]²: how much residual dimension j takes part in the subspace (Σ_j e_j = k)."""
     return (basis.to(torch.float64) ** 2).sum(dim=0)
@@ -237,9 +299,13 @@ class ZMask:
     bases: dict[tuple[int, int], torch.Tensor]
     randoms: dict[tuple[int, int], torch.Tensor]
     metadata: dict = field(default_factory=dict)
+    every_layer_ks: list[int] = field(default_factory=list)  # sizes built at every block (bases holds them all)
 
     def basis(self, layer: int, k: int) -> torch.Tensor:
         return self.bases[(layer, k)]
+
+    def has_every_layer(self, k: int) -> bool:
+        return k in self.every_layer_ks
 
     def random(self, layer: int, k: int) -> torch.Tensor:
         return self.randoms[(layer, k)]
@@ -261,6 +327,7 @@ class ZMask:
             "k": json.dumps(self.ks),
             "d_model": str(self.d_model),
             "n_layers": str(self.n_layers),
+            "every_layer_k": json.dumps(self.every_layer_ks),
             "definition": DEFINITION,
             "coordinates": COORDINATES,
             "layerscope_version": __version__,
@@ -286,9 +353,12 @@ class ZMask:
                     f"{path}: this Z-mask was built from the raw W_Q, W_K (directions of the normed residual, "
                     f"fold_norm={meta.get('fold_norm')}) but is applied to resid.layer; re-run the z_mask rule"
                 )
-            bases = {(l, k): f.get_tensor(f"z.{l}.{k}") for l in layers for k in ks}
+            every = json.loads(meta.get("every_layer_k", "[]"))
+            n_layers = int(meta["n_layers"])
+            keys = {(l, k) for l in layers for k in ks} | {(l, k) for l in range(n_layers) for k in every}
+            bases = {(l, k): f.get_tensor(f"z.{l}.{k}") for l, k in sorted(keys)}
             randoms = {(l, k): f.get_tensor(f"random.{l}.{k}") for l in layers for k in ks}
-        return cls(layers, ks, int(meta["d_model"]), int(meta["n_layers"]), bases, randoms, meta)
+        return cls(layers, ks, int(meta["d_model"]), n_layers, bases, randoms, meta, every)
 
     def check_fits(self, n_layers: int, d_model: int, what: str) -> None:
         if (self.n_layers, self.d_model) != (n_layers, d_model):
@@ -311,22 +381,26 @@ class ZMaskResult:
 
 
 def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], k: Sequence[int],
-           seed: int = 0) -> ZMaskResult:
+           k_sweep: Sequence[int] = (), n_random_subspaces: int = 1000, seed: int = 0) -> ZMaskResult:
     facts = adapter.facts
     if facts.kind != "decoder":
         raise ZMaskError("z_mask is defined for decoders (the suite patches generation)")
     d, n_layers = facts.d_model, facts.n_layers
     resolved_layers = resolve_layers(layers, n_layers)
     ks = resolve_ks(k, d)
+    every_ks = sorted(set(ks) | set(resolve_ks(k_sweep, d) if k_sweep else []))
     head_ranks = np.zeros((n_layers, facts.n_heads))
     circuits_at: dict[int, list] = {}
+    bases, randoms, stack_spectra = {}, {}, {}
     for layer in range(n_layers):
         circuits = head_circuits(adapter, layer, fold_norm=True)
         head_ranks[layer] = [entropy_effective_rank(s.cpu().numpy()) for s, _ in circuits]
         if layer in resolved_layers:
             circuits_at[layer] = circuits
+        for kk in every_ks:  # Z at every block, for the readers that need many layers
+            bases[(layer, kk)] = z_basis(circuits, kk, d, layer=layer).basis
+    adjacent = adjacent_overlaps(bases, n_layers, every_ks, d, n_null=n_random_subspaces, seed=seed)
 
-    bases, randoms, stack_spectra = {}, {}, {}
     records = []
     for layer in range(n_layers):
         for h in range(facts.n_heads):
@@ -357,13 +431,15 @@ def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], 
                 value = float((va @ vb.T).pow(2).sum() / kk)
                 overlaps.append({"layer_a": a, "layer_b": b, "k": kk, "overlap": value, "chance": kk / d})
                 records.append((a, None, kk, f"overlap_with_layer_{b}", value))
+    metadata = {"model": model, "seed": seed, "layer_spec": json.dumps(list(layers)), "model_type": facts.model_type,
+                "norm_folded": facts.norm_type}
+    for row in adjacent:
+        records += [(l, None, row["k"], "adjacent_overlap", v) for l, v in enumerate(row["overlap"])]
+        records += [(l, None, row["k"], "adjacent_overlap_p_holm", v) for l, v in enumerate(row["p_holm"])]
     frame = pd.DataFrame(records, columns=["layer", "head", "k", "metric", "value"])
     frame = frame.astype({"head": "Int64", "k": "Int64"})
     frame.insert(0, "model", model)
-
-    metadata = {"model": model, "seed": seed, "layer_spec": json.dumps(list(layers)), "model_type": facts.model_type,
-                "norm_folded": facts.norm_type}
-    mask = ZMask(resolved_layers, ks, d, n_layers, bases, randoms, metadata)
+    mask = ZMask(resolved_layers, ks, d, n_layers, bases, randoms, metadata, every_ks)
     labels = [f"L{c['layer']}/k{c['k']}" for c in combos]
     summary = {
         "model": model,
@@ -385,6 +461,9 @@ def z_mask(adapter: ModelAdapter, *, model: str, layers: Sequence[int | float], 
         "by_combo": combos,
         "layer_overlaps": overlaps,
         "qk_effective_rank_per_layer": head_ranks.mean(axis=1).tolist(),
+        "every_layer_k": every_ks,
+        "n_random_subspaces": int(n_random_subspaces),
+        "adjacent_overlap": adjacent,
         **deterministic("the weights"),
     }
     return ZMaskResult(mask, frame, summary, head_ranks, stack_spectra)
@@ -418,17 +497,44 @@ def plot_spectra(result: ZMaskResult, path: str | Path) -> None:
         save(fig, path)
 
 
+def plot_adjacent_overlap(result: ZMaskResult, path: str | Path) -> None:
+    from layerscope.report.plotting import PALETTE, figure, layer_axis, save
+
+    s = result.summary
+    n_layers = s["n_layers"]
+    x = np.arange(n_layers - 1) + 0.5
+    with figure(1, 2, width=10.0, height=3.8) as (fig, axes):
+        for i, row in enumerate(s["adjacent_overlap"]):
+            color = PALETTE[i % 10]
+            axes[0].plot(x, row["overlap"], marker="o", markersize=3, color=color, label=f"k={row['k']}")
+            axes[0].fill_between(x, *row["null_range"], color=color, alpha=0.12, linewidth=0)
+            axes[1].plot(x, row["overlap_over_chance"], marker="o", markersize=3, color=color, label=f"k={row['k']}")
+        axes[0].set_ylabel("overlap of Z_l and Z_l+1 (mean cos² of principal angles)")
+        axes[0].set_ylim(0, 1.02)
+        axes[1].axhline(1.0, color="0.4", linestyle="--", linewidth=0.8, label="random pair (k/d)")
+        axes[1].set_yscale("log")
+        axes[1].set_ylabel("overlap / chance k/d")
+        for ax in axes:
+            layer_axis(ax, n_layers - 1, label="between blocks l and l+1")
+            ax.legend(loc="best", fontsize=7)
+        fig.suptitle(f"Z of adjacent blocks — {s['model']} (bands: 95 % of the overlaps of "
+                     f"{s['n_random_subspaces']} random k-subspaces; deterministic given the weights)")
+        save(fig, path)
+
+
 def run(job: Job) -> Result:
     """The Z-mask of one model, from its weights (CPU)."""
     from layerscope.model.adapter import load_model
 
     params = job.params
     adapter = load_model(job.input("model"), dtype="float32", device="cpu", kind="decoder")
-    result = z_mask(adapter, model=job.model, layers=params["layers"], k=params["k"], seed=params["seed"])
+    result = z_mask(adapter, model=job.model, layers=params["layers"], k=params["k"], k_sweep=params["k_sweep"],
+                    n_random_subspaces=params["n_random_subspaces"], seed=params["seed"])
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics},
-        figures={"spectra": partial(plot_spectra, result)},
+        figures={"spectra": partial(plot_spectra, result),
+                 "adjacent_overlap": partial(plot_adjacent_overlap, result)},
         files={MASK_FILE: result.mask.save},
     )
 
@@ -448,7 +554,7 @@ EXPERIMENT = Experiment(
     inputs=("model",),
     run=run,
     tables=("metrics",),
-    figures=(Figure("spectra", "QK circuits and Z"),),
+    figures=(Figure("spectra", "QK circuits and Z"), Figure("adjacent_overlap", "Z of adjacent blocks")),
     files=(MASK_FILE,),
     params={
         "layers": {
@@ -470,6 +576,22 @@ EXPERIMENT = Experiment(
                 "minimum": 1,
             },
             "default": [20, 50],
+        },
+        "k_sweep": {
+            "description": "Further subspace sizes for which Z is built at every block (with those of k): the "
+                           "adjacent-block overlap, ffn_avoidance and the z_separation k sweep read them; they add "
+                           "no (layer, k) combo to the other experiments.",
+            "type": "array",
+            "uniqueItems": True,
+            "items": {"type": "integer", "minimum": 1},
+            "default": [5, 10, 20, 50, 100],
+        },
+        "n_random_subspaces": {
+            "description": "Haar-random k-subspaces whose overlap with a fixed Z makes the null of the adjacent-block "
+                           "overlap.",
+            "type": "integer",
+            "minimum": 1,
+            "default": 1000,
         },
     },
     threads=1,
