@@ -26,6 +26,7 @@ from layerscope.data.activations import ActivationCache
 from layerscope.data.prompts import PromptPair, load_prompt_set, zh_en_pairs
 from layerscope.engines.sampling import sample_summary, stratified_sample
 
+POOLINGS = {"mean": "mean over the problem-text tokens", "last": "the last problem-text token"}
 POOLED_ROLE = "prompt"
 POOLING = "mean over the tokens of the problem text (role 'prompt': no system, template or completion tokens)"
 
@@ -77,11 +78,15 @@ class PairedStates:
         states = self.layer_states(layer)
         return [(states[p.zh.id], states[p.en.id]) for p in self.pairs]
 
-    def pooled(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean-pooled states (zh [N, d], en [N, d]) at resid.{layer}, float64."""
+    def pooled(self, layer: int, pooling: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled states (zh [N, d], en [N, d]) at resid.{layer}, float64: ``mean`` over each prompt's
+        problem-text tokens, or ``last``, the state of its last problem-text token."""
+        if pooling not in POOLINGS:
+            raise LayerscopeError(f"unknown pooling {pooling!r}; known: {list(POOLINGS)}")
         states = self.layer_states(layer)
-        zh = torch.stack([states[p.zh.id].mean(dim=0) for p in self.pairs])
-        en = torch.stack([states[p.en.id].mean(dim=0) for p in self.pairs])
+        pick = (lambda x: x.mean(dim=0)) if pooling == "mean" else (lambda x: x[-1])
+        zh = torch.stack([pick(states[p.zh.id]) for p in self.pairs])
+        en = torch.stack([pick(states[p.en.id]) for p in self.pairs])
         return zh, en
 
     def pooled_all_layers(self) -> tuple[torch.Tensor, torch.Tensor]:

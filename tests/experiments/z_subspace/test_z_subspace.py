@@ -309,6 +309,37 @@ def test_pooled_states_are_means_over_the_problem_text(paired):
     torch.testing.assert_close(zh[1], states.cache.resid(2, rows).double().mean(0))
 
 
+def test_last_token_pooling_picks_each_prompts_last_problem_text_token(paired):
+    """A plain loop over the token table: the highest position with role 'prompt', per prompt."""
+    states, _ = paired
+    tokens = states.cache.tokens
+    zh, en = states.pooled(2, "last")
+    for i, pair in enumerate(states.pairs):
+        for prompt, pooled in ((pair.zh, zh), (pair.en, en)):
+            mine = tokens[(tokens["prompt_id"] == prompt.id) & (tokens["role"] == "prompt")]
+            last = int(mine.loc[mine["position"].idxmax(), "row"])
+            torch.testing.assert_close(pooled[i], states.cache.resid(2, np.array([last])).double()[0])
+    with pytest.raises(LayerscopeError, match="unknown pooling 'max'"):
+        states.pooled(2, "max")
+
+
+def test_separation_reports_every_pooling_beside_the_first(paired):
+    from layerscope.experiments.z_subspace.z_separation import POOLED_KEYS, with_poolings, z_separation
+
+    states, mask = paired
+    runs = {p: z_separation(states, mask, model="s", prompt_set="p", n_random_subspaces=50, pooling=p)
+            for p in ("mean", "last")}
+    merged = with_poolings(runs).summary
+    assert merged["poolings"] == ["mean", "last"]
+    assert merged["separation_ratio_z"] == runs["mean"].summary["separation_ratio_z"]
+    for key in POOLED_KEYS:
+        assert merged[f"{key}_last"] == runs["last"].summary[key]
+    assert merged["separation_ratio_z_last_ci"] == runs["last"].summary["separation_ratio_z_ci"]
+    assert merged["separation_ratio_z_last"] != merged["separation_ratio_z"]  # a different pooled vector
+    frame = with_poolings(runs).metrics
+    assert set(frame["pooling"]) == {"mean", "last"}
+
+
 def test_update_decomposition_against_a_plain_loop(paired):
     from layerscope.experiments.z_subspace.update_decomposition import chance_ratio, update_decomposition
 
@@ -688,6 +719,37 @@ def test_ard_mmd_outputs(paired):
     assert all(0 <= c <= 1 for c in s["changed_from_warm_start"])
     with pytest.raises(LayerscopeError, match="warm_start_k = 5"):
         ard_mmd(states, mask, model="s", prompt_set="p", lambdas=[0.1], steps=2, lr=0.05, warm_start_k=5)
+
+
+def test_ard_mmd_over_a_grid_of_layers(paired):
+    """A grid beyond the mask's own layers: one run per (layer, λ), each warm-started from that block's own Z."""
+    from layerscope.experiments.z_subspace.ard_mmd import ard_mmd
+    from layerscope.experiments.z_subspace.z_mask import energy_per_dimension
+
+    states, mask = paired
+    result = ard_mmd(states, mask, model="s", prompt_set="p", lambdas=[0.01, 0.1], steps=3, lr=0.05,
+                     warm_start_k=16, layers=[0, 2, 4])
+    s = result.summary
+    assert s["layers"] == [0, 2, 4] and len(s["by_run"]) == 6
+    assert [(r["layer"], r["lambda"]) for r in s["by_run"]] == [(0, 0.01), (0, 0.1), (2, 0.01), (2, 0.1),
+                                                               (4, 0.01), (4, 0.1)]
+    assert s["by_run"][2]["active_at_warm_start"] != s["by_run"][4]["active_at_warm_start"] or \
+        not np.allclose(energy_per_dimension(mask.basis(2, 16)), energy_per_dimension(mask.basis(4, 16)))
+    fractions = ard_mmd(states, mask, model="s", prompt_set="p", lambdas=[0.1], steps=2, lr=0.05, warm_start_k=16,
+                        layers=[0.0, 0.5])
+    assert fractions.summary["layers"] == [0, 3]  # fractions of the 5-block depth, rounded as z_mask.layers
+    with pytest.raises(LayerscopeError, match="ard_mmd.layers: layer 9 is outside"):
+        ard_mmd(states, mask, model="s", prompt_set="p", lambdas=[0.1], steps=2, lr=0.05, warm_start_k=16, layers=[9])
+
+
+def test_separation_over_a_k_sweep(paired):
+    from layerscope.experiments.z_subspace.z_separation import z_separation
+
+    states, mask = paired
+    result = z_separation(states, mask, model="s", prompt_set="p", n_random_subspaces=20, ks=[4, 16])
+    assert result.summary["k"] == [4, 16] and result.summary["combos"] == ["L1/k4", "L1/k16", "L3/k4", "L3/k16"]
+    with pytest.raises(LayerscopeError, match=r"no basis of size \[8\]"):
+        z_separation(states, mask, model="s", prompt_set="p", n_random_subspaces=20, ks=[8])
 
 
 def test_overlap_with_energy():

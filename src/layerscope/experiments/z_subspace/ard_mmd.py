@@ -59,7 +59,7 @@ from layerscope import LayerscopeError
 from layerscope.engines import statistics as st
 from layerscope.experiments.registry import Experiment, Figure, Job, Result
 from layerscope.data.paired_states import POOLING, PairedStates
-from layerscope.experiments.z_subspace.z_mask import ZMask, energy_per_dimension
+from layerscope.experiments.z_subspace.z_mask import ZMask, energy_per_dimension, resolve_layers
 from layerscope.progress import Progress, progress
 
 log = logging.getLogger(__name__)
@@ -267,7 +267,8 @@ class ArdResult:
 
 def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, lambdas: Sequence[float], steps: int,
             lr: float, warm_start_k: int | None = None, epsilon: float = 0.1, off_ratio: float = 10.0, tol: float = 1e-3,
-            device: torch.device | str = "cpu", seed: int = 0) -> ArdResult:
+            device: torch.device | str = "cpu", seed: int = 0,
+            layers: Sequence[int | float] | None = None) -> ArdResult:
     cache = states.cache
     mask.check_fits(cache.n_layers, cache.d_model, f"the activation cache {cache.directory}")
     if not lambdas:
@@ -275,14 +276,23 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
     k_warm = max(mask.ks) if warm_start_k is None else int(warm_start_k)
     if k_warm not in mask.ks:
         raise LayerscopeError(f"ard_mmd.warm_start_k = {k_warm} is not one of the Z-mask's k values {mask.ks}")
+    try:
+        grid = list(mask.layers) if not layers else resolve_layers(layers, mask.n_layers)
+    except LayerscopeError as exc:
+        raise LayerscopeError(str(exc).replace("z_mask.layers", "ard_mmd.layers")) from None
+    ks = [k for k in mask.ks if all((layer, k) in mask.bases for layer in grid)]
+    if k_warm not in ks:
+        raise LayerscopeError(f"ard_mmd.layers {list(layers or [])}: the Z-mask has Z of size k = {k_warm} (the warm "
+                              f"start) only at blocks {mask.layers}; add {k_warm} to z_mask.k_sweep to build it at "
+                              "every block")
     d = mask.d_model
     log_off = math.log(off_ratio)
     boot = st.Bootstrap(states.n_pairs, unit="pair", seed=seed)
     records, ls_rows, traj_rows, runs, combos = [], [], [], {}, []
-    bar = progress("ard_mmd", total=len(mask.layers) * len(lambdas) * steps, unit="steps")
-    for layer in mask.layers:
+    bar = progress("ard_mmd", total=len(grid) * len(lambdas) * steps, unit="steps")
+    for layer in grid:
         clouds = BucketedClouds(standardise(states.clouds(layer)), device=device)
-        energies = {k: energy_per_dimension(mask.basis(layer, k)).numpy() for k in mask.ks}
+        energies = {k: energy_per_dimension(mask.basis(layer, k)).numpy() for k in ks}
         init = warm_start(torch.from_numpy(energies[k_warm]), epsilon).to(torch.float32).to(device)
         scale = median_scale(clouds, init)
         with torch.no_grad():
@@ -301,7 +311,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
                    "converged": run.converged, "relative_change_last_10pct": run.relative_change, "scale": scale,
                    "active_at_warm_start": int(init_active.sum()),
                    "changed_from_warm_start": float((active != init_active).mean())}
-            for k in mask.ks:
+            for k in ks:
                 row[f"overlap_z_k{k}"] = overlap_with_energy(active, energies[k])
                 row[f"overlap_z_k{k}_p_value"] = overlap_p_value(active, energies[k])
                 row[f"spearman_log_lengthscale_z_energy_k{k}"] = spearman(run.log_ratio, energies[k])
@@ -340,7 +350,7 @@ def ard_mmd(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str, l
         "tokens": POOLING.replace("mean over", "token clouds of"),
         "objective": "minimise -mean_i MMD2_u(zh_i, en_i; l) + lambda * mean_j s/l_j (Adam on log l)",
         "d_model": d,
-        "layers": mask.layers,
+        "layers": grid,
         "lambdas": [float(x) for x in lambdas],
         "steps": steps,
         "lr": lr,
@@ -428,7 +438,7 @@ def run(job: Job) -> Result:
     result = ard_mmd(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set,
                      lambdas=params["lambdas"], steps=params["steps"], lr=params["lr"],
                      warm_start_k=params["warm_start_k"], epsilon=params["epsilon"], off_ratio=params["off_ratio"],
-                     tol=params["tol"], device=job.device, seed=params["seed"])
+                     tol=params["tol"], device=job.device, seed=params["seed"], layers=params["layers"])
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics, "lengthscales": result.lengthscales,
@@ -454,6 +464,14 @@ EXPERIMENT = Experiment(
     tables=("metrics", "lengthscales", "trajectory"),
     figures=(Figure("lengthscales", "lengthscale spectrum"), Figure("convergence", "convergence")),
     params={
+        "layers": {
+            "description": "Blocks to fit at (integers, or fractions of depth as in z_mask.layers): null = the "
+                           "Z-mask's layers; a grid gives the number of active dimensions against depth (the "
+                           "warm start's k must be in z_mask.k_sweep, which z_mask builds at every block).",
+            "type": ["array", "null"],
+            "items": {"type": "number"},
+            "default": None,
+        },
         "lambdas": {
             "description": "Sparsity strengths lambda of the penalty lambda * mean_j s/l_j.",
             "type": "array",

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from typing import Sequence
+
 import numpy as np
 import pandas as pd
 import torch
@@ -236,22 +238,24 @@ class SeparationResult:
 
 
 def z_separation(states: PairedStates, mask: ZMask, *, model: str, prompt_set: str,
-                 n_random_subspaces: int = N_RANDOM_SUBSPACES, seed: int = 0) -> SeparationResult:
+                 n_random_subspaces: int = N_RANDOM_SUBSPACES, seed: int = 0,
+                 pooling: str = "mean", ks: Sequence[int] | None = None) -> SeparationResult:
     cache = states.cache
     mask.check_fits(cache.n_layers, cache.d_model, f"the activation cache {cache.directory}")
     if n_random_subspaces < 1:
         raise LayerscopeError("z_separation.n_random_subspaces must be at least 1")
     d = mask.d_model
+    ks = sweep_ks(mask, ks)
     boot = st.Bootstrap(states.n_pairs, unit="pair", seed=seed)
     records, combos = [], []
     for layer in mask.layers:
-        zh, en = states.pooled(layer)
+        zh, en = states.pooled(layer, pooling)
         pooled = PooledSet.build(zh, en)
         delta = zh - en
         offset = delta.mean(dim=0, keepdim=True)
         both = torch.cat([zh, en])
         centred = both - both.mean(dim=0, keepdim=True)
-        for k in mask.ks:
+        for k in ks:
             z = mask.basis(layer, k).to(torch.float64)
             row = {"layer": layer, "k": k, "chance": k / d}
             cis = pair_intervals(pooled, z.numpy(), boot)
@@ -291,6 +295,7 @@ def z_separation(states: PairedStates, mask: ZMask, *, model: str, prompt_set: s
             row["language_energy_null_mean_over_chance"] = row["language_energy_null_mean"] / chance_z
             combos.append(row)
     frame = pd.DataFrame(records, columns=["layer", "k", "subspace", "metric", "value", "ci_lo", "ci_hi"])
+    frame.insert(0, "pooling", pooling)
     frame.insert(0, "prompt_set", prompt_set)
     frame.insert(0, "model", model)
     labels = [f"L{c['layer']}/k{c['k']}" for c in combos]
@@ -305,9 +310,9 @@ def z_separation(states: PairedStates, mask: ZMask, *, model: str, prompt_set: s
         "prompt_set": prompt_set,
         "n_pairs": states.n_pairs,
         **states.sample,
-        "pooling": POOLING,
+        "pooling": pooling if pooling != "mean" else POOLING,
         "layers": mask.layers,
-        "k": mask.ks,
+        "k": ks,
         "d_model": d,
         "n_random_subspaces": int(n_random_subspaces),
         "combos": labels,
@@ -393,21 +398,64 @@ def plot_separation(result: SeparationResult, path: str | Path) -> None:
         for ax in axes:
             ax.set_xticks(x, labels, rotation=30 if len(labels) > 4 else 0)
             ax.set_xlabel("Z-mask layer / k")
+        pooled = "last-token" if s["pooling"] == "last" else "mean-pooled"
         fig.suptitle(f"zh/en separation in Z — {s['model']} on {s['prompt_set']} ({s['n_pairs']} pairs, "
-                     "mean-pooled problem-text states; error bars: 95 % over pairs)")
+                     f"{pooled} problem-text states; error bars: 95 % over pairs)")
         save(fig, path)
+
+
+# keys repeated with a ``_{pooling}`` suffix for every pooling after the first
+POOLED_KEYS = ("separation_ratio_z", "separation_ratio_z_perp", "separation_ratio_full",
+               "separation_ratio_z_minus_z_perp", "separation_ratio_z_p_value", "language_energy_z_over_chance",
+               "language_energy_z_p_value", "n_combos_z_separates_better", "n_combos_z_separates_better_than_null",
+               "n_combos_language_energy_z_below_null", "n_combos_language_energy_z_above_null")
+
+
+def sweep_ks(mask: ZMask, ks: Sequence[int] | None) -> list[int]:
+    """The subspace sizes to evaluate: the mask's own k (null), or a sweep of sizes the mask built at every
+    block (z_mask's k and k_sweep)."""
+    if not ks:
+        return list(mask.ks)
+    available = sorted(set(mask.ks) | set(mask.every_layer_ks))
+    capped = list(dict.fromkeys(min(int(k), mask.d_model) for k in ks))
+    missing = [k for k in capped if not all((layer, k) in mask.bases for layer in mask.layers)]
+    if missing:
+        raise LayerscopeError(f"z_separation.k: the Z-mask has no basis of size {missing} at blocks {mask.layers}; "
+                              f"it has {available} (add them to z_mask.k_sweep)")
+    return capped
+
+
+def with_poolings(results: dict[str, SeparationResult]) -> SeparationResult:
+    """One result from the runs of several poolings: the first pooling's summary as is, the others' key
+    numbers beside it with a ``_{pooling}`` suffix (their intervals too), one table with a pooling column."""
+    first, *rest = results
+    summary = dict(results[first].summary)
+    summary["poolings"] = list(results)
+    for pooling in rest:
+        other = results[pooling].summary
+        for key in POOLED_KEYS:
+            summary[f"{key}_{pooling}"] = other[key]
+            if f"{key}_ci" in other:
+                summary[f"{key}_{pooling}_ci"] = other[f"{key}_ci"]
+        summary[f"by_combo_{pooling}"] = other["by_combo"]
+    frame = pd.concat([r.metrics for r in results.values()], ignore_index=True)
+    return SeparationResult(frame, summary)
 
 
 def run(job: Job) -> Result:
     """zh/en separation in Z, Z⊥ and random subspaces, from the activation cache (CPU)."""
     params = job.params
     states = PairedStates.open(Path(job.input("resid")).parent, job.input("prompts"))
-    result = z_separation(states, ZMask.load(job.input("mask")), model=job.model, prompt_set=job.prompt_set,
-                          n_random_subspaces=params["n_random_subspaces"], seed=params["seed"])
+    mask = ZMask.load(job.input("mask"))
+    results = {pooling: z_separation(states, mask, model=job.model, prompt_set=job.prompt_set,
+                                     n_random_subspaces=params["n_random_subspaces"], seed=params["seed"],
+                                     pooling=pooling, ks=params["k"])
+               for pooling in params["pooling"]}
+    result = with_poolings(results)
     return Result(
         summary=result.summary,
         tables={"metrics": result.metrics},
-        figures={"separation": partial(plot_separation, result)},
+        figures={"separation": partial(plot_separation, results[params["pooling"][0]])},
     )
 
 
@@ -426,6 +474,24 @@ EXPERIMENT = Experiment(
     tables=("metrics",),
     figures=(Figure("separation", "separation and energy"),),
     params={
+        "k": {
+            "description": "Subspace sizes k to evaluate at the Z-mask's blocks: null = the mask's own k; a list = a "
+                           "k sweep (each size must be one z_mask builds at every block: its k or k_sweep).",
+            "type": ["array", "null"],
+            "items": {"type": "integer", "minimum": 1},
+            "uniqueItems": True,
+            "default": None,
+        },
+        "pooling": {
+            "description": "How each prompt's problem-text states are pooled into one vector: 'mean' over its tokens, "
+                           "'last' token. The first listed gives the summary's keys and the figure; every other "
+                           "pooling adds the key numbers with a _{pooling} suffix.",
+            "type": "array",
+            "items": {"enum": ["mean", "last"]},
+            "minItems": 1,
+            "uniqueItems": True,
+            "default": ["mean", "last"],
+        },
         "n_random_subspaces": {
             "description": "Haar-random subspaces of the same k that make the null distribution of every metric.",
             "type": "integer",
