@@ -251,6 +251,17 @@ def forward_passes(name: str, params: dict, shape: ModelShape, n_prompts: int) -
         return None, f"{pairs} pairs × ~{L - 1} conditions, each generating ≤ {params.get('max_new_tokens')} tokens"
     if name == "contrastive":
         return None, "one forward per prompt of the groups file"
+    if name == "layer_repeat":
+        repeats = max(int(params.get("max_repeats", 3)) - 1, 0)
+        pairs = (L - 1) if params.get("pairs", True) else 0
+        n = 1 + L * repeats + L + pairs
+        return n, f"(1 + {L} blocks × {repeats} repeat counts + {L} skips + {pairs} pairs) loss evaluations on " \
+                  f"{sample} prompts"
+    if name == "tuned_lens":
+        return 0, "reads the activation cache (trains one translator per layer on it)"
+    if name == "ffn_avoidance":
+        pairs = min(params.get("max_pairs") or n_prompts // 2, n_prompts // 2)
+        return 2 * pairs, f"one forward per prompt of {pairs} pairs (each block's MLP output)"
     if name == "ard_mmd":
         return 0, "optimisation on cached states (no model forward)"
     return 0, "reads the activation cache"
@@ -383,7 +394,7 @@ def format_plan(plan: dict) -> str:
                      f"{(entry['parameters'] or 0) / 1e6:.1f}M parameters "
                      f"({human(entry['weights_file_bytes'])} on disk)")
         if entry["experiments"]:
-            lines.append(f"  weights-only experiments: {', '.join(entry['experiments'])}")
+            lines.append(f"  per-model experiments (weights or their own inputs): {', '.join(entry['experiments'])}")
         for pset, p in entry["prompt_sets"].items():
             lines.append(f"  {pset}: {p['prompts']} prompts, {p['tokens']} tokens ({p['prompt_tokens']} rendered "
                          f"prompt + {p['completion_tokens']} completion, {p['completions']}); "
