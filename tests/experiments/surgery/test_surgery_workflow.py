@@ -66,7 +66,8 @@ def test_surgery_outputs(run):
     for summary in (knockout, swap):
         assert summary["uncertainty"]["unit"] == "prompt" and summary["underpowered"]
     shuffle = json.loads((base / "shuffle/summary.json").read_text())
-    assert len(shuffle["methods"]) == 9 and shuffle["permutation_seed"] == 0
+    assert shuffle["permutation_seeds"] == [0, 1, 2] and len(shuffle["methods"]) == 3 * 10  # 'none' + 9 methods
+    assert shuffle["all_exact"] and shuffle["exact_profile_chain"] == 3
     page = (run / "results/report/stories.md").read_text()
     for key in ("most_critical_layer", "top_synergy_pairs", "cheapest_swap", "best_tau"):
         assert key in page
