@@ -572,11 +572,12 @@ def rank_moves(order: Sequence[int], candidates: list[tuple[int, ...]], prior: n
 
 
 def refine_guided(search: _Search, order: list[int], value: float, prior: np.ndarray, *,
-                  patience: int) -> tuple[list[int], float]:
+                  patience: int, seen: set[tuple[int, ...]] | None = None) -> tuple[list[int], float]:
     """Weight-guided descent: evaluate the neighbours of the current order from the most plausible (by
     ``prior``) on, take the first that lowers the loss, rebuild the ranking around it; stop after
-    ``patience`` failures in a row or when the budget is spent."""
-    seen = {tuple(order)}
+    ``patience`` failures in a row or when the budget is spent. Orders in ``seen`` (already evaluated)
+    are skipped."""
+    seen = set(seen or ()) | {tuple(order)}
     failures = 0
     while search.left > 0 and failures < patience:
         improved = False
@@ -683,7 +684,8 @@ def recover(model: ShuffledModel, params: ShuffleParams) -> list[MethodResult]:
             if values and _better(values[0], best[1]):
                 best = (flipped, values[0])
                 search.accept(*best)
-            return refine_guided(search, *best, geometry().prior(), patience=params.pipeline_patience)[0]
+            return refine_guided(search, *best, geometry().prior(), patience=params.pipeline_patience,
+                                 seen={*starts, tuple(flipped)})[0]
 
         result = timed("pipeline", pipeline, lambda: search.evals)
         result.seconds += sum(results[m].seconds for m in WEIGHT_METHODS)
@@ -806,7 +808,8 @@ def shuffle_experiment(evaluator: LossEvaluator, *, model: str, prompt_set: str,
     agg = recovered.groupby("method", sort=False).agg(
         exact=("exact", "sum"), accuracy=("accuracy", "mean"), kendall_tau=("kendall_tau", "mean"),
         loss=("loss", "mean"), seconds=("seconds", "mean"), evaluations=("evaluations", "mean")).loc[names]
-    ranked = agg.reset_index().sort_values(["exact", "accuracy", "kendall_tau", "loss", "seconds"],
+    # ties: fewer loss evaluations, then the order of the methods (not wall time: it varies from run to run)
+    ranked = agg.reset_index().sort_values(["exact", "accuracy", "kendall_tau", "loss", "evaluations"],
                                            ascending=[False, False, False, True, True], kind="stable")
     best = ranked.iloc[0]
 
@@ -905,6 +908,8 @@ def _grouped(ax, table: pd.DataFrame, column: str, seeds: list[int], methods: li
 
 
 def plot_methods(result: ShuffleResult, path: str | Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     from layerscope.report.plotting import figure, save
 
     table = result.table
@@ -928,6 +933,7 @@ def plot_methods(result: ShuffleResult, path: str | Path) -> None:
         axes[1, 1].bar(np.arange(len(recovered)), exact, color="0.45")
         axes[1, 1].set_xticks(np.arange(len(recovered)), recovered, rotation=35, ha="right")
         axes[1, 1].set_ylim(0, len(seeds) + 0.3)
+        axes[1, 1].yaxis.set_major_locator(MaxNLocator(integer=True))
         axes[1, 1].set_ylabel(f"exact recoveries (of {len(seeds)})")
         timed = table[table["method"] != "none"].assign(seconds=lambda d: np.maximum(d["seconds"], 1e-3))
         _grouped(axes[2, 0], timed, "seconds", seeds, recovered)
@@ -963,7 +969,8 @@ def plot_orders(result: ShuffleResult, path: str | Path) -> None:
                            color=PALETTE[k % len(PALETTE)], alpha=0.7, label=f"seed {seed}")
             taus = [table.loc[(method, seed), "kendall_tau"] for seed in seeds]
             exact = sum(bool(table.loc[(method, seed), "exact"]) for seed in seeds)
-            ax.set_title(f"{method}: exact {exact}/{len(seeds)}, τ {min(taus):.2f}–{max(taus):.2f}", fontsize=7)
+            span = f"{min(taus):.2f}" if np.isclose(min(taus), max(taus)) else f"[{min(taus):.2f}, {max(taus):.2f}]"
+            ax.set_title(f"{method}: exact {exact}/{len(seeds)}, τ {span}", fontsize=7)
             ax.set_xlabel("position", fontsize=7)
             ax.set_ylabel("true block", fontsize=7)
         flat[0].legend(fontsize=6)
