@@ -68,7 +68,8 @@ def test_surgery_outputs(run):
     for summary in (knockout, swap):
         assert summary["uncertainty"]["unit"] == "prompt" and summary["underpowered"]
     shuffle = json.loads((base / "shuffle/summary.json").read_text())
-    assert len(shuffle["methods"]) == 9 and shuffle["permutation_seed"] == 0
+    assert shuffle["permutation_seeds"] == [0, 1, 2] and len(shuffle["methods"]) == 3 * 10  # 'none' + 9 methods
+    assert shuffle["all_exact"] and shuffle["exact_profile_chain"] == 3
     repeat = json.loads((base / "layer_repeat/summary.json").read_text())
     assert repeat["repeats"] == [2] and len(repeat["ratio_by_layer"][0]) == 5 and len(repeat["pair_ratio_by_layer"]) == 4
     assert repeat["skip_ratio_by_layer"] == pytest.approx(knockout["ratio_by_layer"], rel=1e-12)  # same sample
