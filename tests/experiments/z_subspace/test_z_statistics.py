@@ -33,7 +33,8 @@ class FakeStates:
         ids = [f"p{i}" for i in range(self.n_pairs)]
         self.sample = {"prompt_ids": ids, "prompt_categories": {"c": self.n_pairs}, "n_pairs_available": self.n_pairs}
 
-    def pooled(self, layer):
+    def pooled(self, layer, pooling="mean"):
+        assert pooling == "mean"
         return self.zh[layer], self.en[layer]
 
     def pooled_all_layers(self):
